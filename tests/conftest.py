@@ -1,0 +1,7 @@
+"""Make the flat repository root importable from tests (nanoGPT-style layout, no package)."""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
