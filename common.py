@@ -1,0 +1,206 @@
+"""
+What every script shares, in one place: device and dtype selection, checkpoint save/load (atomic
+writes, `weights_only` loads, clear errors), flags generated from config dataclasses, and the
+one-line error reporting of the command-line tools.
+"""
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import sys
+
+import torch
+
+from model import GPT, GPTConfig
+
+# ---------------------------------------------------------------------------------------------
+# Errors: a user mistake is one line on stderr and exit code 2, never a stack trace.
+
+
+class UserError(ValueError):
+    """A mistake in the user's input (flags, files, prompt). Scripts print it as one line."""
+
+
+def run_cli(main, argv=None):
+    """Run a script's main(argv), turning user mistakes into `error: ...` and exit code 2."""
+    try:
+        return main(argv)
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, ConnectionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device and dtype
+
+
+def pick_device(requested: str = "auto", verbose: bool = True) -> torch.device:
+    """'auto' picks cuda, then mps, then cpu, and says which and why."""
+    if requested != "auto":
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {requested} requested but CUDA is not available; use --device cpu or auto")
+        device, why = torch.device(requested), "requested"
+    elif torch.cuda.is_available():
+        device, why = torch.device("cuda"), f"CUDA available ({torch.cuda.get_device_name(0)})"
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        device, why = torch.device("mps"), "Apple MPS available"
+    else:
+        device, why = torch.device("cpu"), f"no accelerator; {torch.get_num_threads()} CPU threads"
+    if verbose:
+        print(f"device: {device} ({why})")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with native bf16 matmuls (AVX512-BF16 / AMX); elsewhere bf16 is emulated and slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def pick_autocast_dtype(device: torch.device, requested: str = "auto", verbose: bool = True):
+    """The autocast dtype for training: bf16 where the hardware runs it natively, else None (fp32)."""
+    if requested == "float32":
+        dtype, why = None, "requested"
+    elif requested == "bfloat16":
+        dtype, why = torch.bfloat16, "requested"
+    elif requested != "auto":
+        raise UserError(f"unknown --dtype {requested!r}: use auto, float32 or bfloat16")
+    elif device.type == "cuda" and torch.cuda.is_bf16_supported():
+        dtype, why = torch.bfloat16, "CUDA supports bf16"
+    elif device.type == "cpu" and cpu_has_fast_bf16():
+        dtype, why = torch.bfloat16, "this CPU has native bf16 (AMX/AVX512-BF16)"
+    else:
+        dtype, why = None, "no native bf16 on this device"
+    if verbose:
+        print(f"autocast: {'bfloat16' if dtype else 'off (float32)'} ({why})")
+    return dtype
+
+
+def autocast(device: torch.device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags from dataclasses
+
+
+def add_dataclass_flags(parser, cls, skip=()):
+    """One flag per dataclass field (--field-name), with the field's help text and default."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "") + " (default: %(default)s)"
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, type=_parse_bool, default=None, metavar="BOOL", help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
+    return parser
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true/false, got {s!r}")
+
+
+def dataclass_from(cls, *layers: dict):
+    """Build a dataclass from defaults overridden by each dict in turn (None values are skipped)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for layer in layers:
+        values.update({k: v for k, v in layer.items() if k in names and v is not None})
+    return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+#
+# A checkpoint is data, never code: a dict of plain types and tensors, loaded with
+# torch.load(weights_only=True). Two kinds:
+#   kind "orthrus-base": {model_config, model, tokenizer, optimizer, step, train_config, ...}
+#   kind "orthrus":      the base's model_config/model/tokenizer plus {head_config, head,
+#                        base_sha256, base_ckpt}: base + head in one self-contained file.
+
+CHECKPOINT_KINDS = ("orthrus-base", "orthrus")
+
+
+def save_checkpoint(obj: dict, path: str):
+    """Write atomically: a temp file in the same folder, flushed to disk, then renamed over `path`.
+    A crash mid-write leaves the previous checkpoint intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load one of our checkpoints, with a one-line error for every way it can be wrong."""
+    if not path:
+        raise UserError("no checkpoint given: pass --ckpt PATH (train one with `python train.py --preset cpu`)")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path!r} not found (train one with `python train.py --preset cpu`)")
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path!r} is a folder; pass the .pt file inside it (e.g. {os.path.join(path, 'ckpt.pt')})")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle errors, zip errors, unsafe globals: all mean "not ours"
+        raise UserError(f"{path!r} is not a readable orthrus checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") not in CHECKPOINT_KINDS:
+        raise UserError(f"{path!r} is not an orthrus checkpoint (expected a dict with kind in {CHECKPOINT_KINDS})")
+    return ckpt
+
+
+def build_base(ckpt: dict, device="cpu", dtype=None) -> GPT:
+    """The frozen-or-not base GPT stored in a checkpoint, loaded strictly."""
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"], strict=True)
+    model.to(device=device, dtype=dtype or torch.float32)
+    return model
+
+
+def state_sha256(state_dict: dict) -> str:
+    """A hash of a model's tensors (names, dtypes, shapes, values): identifies a base model
+    independently of the file it came in (optimizer state, step, etc. do not count)."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().clone()  # clone: a storage holding exactly this tensor
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(bytes(t.untyped_storage()))
+    return h.hexdigest()
+
+
+def clean_state_dict(module: torch.nn.Module) -> dict:
+    """state_dict of the uncompiled module: never `_orig_mod.` keys from torch.compile."""
+    return getattr(module, "_orig_mod", module).state_dict()
+
+
+def load_model(ckpt: dict, device="cpu", dtype=torch.float32):
+    """(base GPT, DiffusionHead or None) from a loaded checkpoint, in eval mode, frozen."""
+    from diffusion_head import DiffusionHead  # only needed when a head is present
+
+    base = build_base(ckpt, device, dtype).requires_grad_(False).eval()
+    if ckpt["kind"] != "orthrus":
+        return base, None
+    head_cfg = ckpt["head_config"]
+    if not 0 <= head_cfg["mask_id"] < base.config.vocab_size:
+        raise UserError(f"the head's MASK id {head_cfg['mask_id']} is outside the base vocabulary "
+                        f"({base.config.vocab_size}): head and base do not belong together")
+    head = DiffusionHead(base, head_cfg["mask_id"], head_cfg["trained_draft_lens"])
+    try:
+        head.load_state_dict(ckpt["head"], strict=True)
+    except RuntimeError as e:
+        raise UserError(f"the head does not fit this base ({str(e).splitlines()[0][:150]})") from None
+    return base, head.to(device=device, dtype=dtype).requires_grad_(False).eval()

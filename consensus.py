@@ -1,0 +1,156 @@
+"""
+Consensus: the verifier that makes Orthrus lossless (paper, "Verify pass (consensus)").
+
+A few small pure functions on tensors. They know nothing about models, caches or how the drafts
+were made, so they verify any drafter: the diffusion view, a draft GPT, prompt lookup.
+
+Conventions (shifted, as in AR models). The last committed token x_s is pending; the block at
+positions s..s+K-1 is [x_s, d_1, .., d_{K-1}]:
+    draft_tokens  (K-1,)    d_1..d_{K-1}, the drafts for positions s+1..s+K-1
+    p_draft       (K-1, V)  row j: the distribution d_{j+1} was sampled from (after the same
+                            temperature/top-k/top-p warping as the target)
+    p_target      (K, V)    row i: the AR view's distribution for position s+i+1, given
+    target_argmax (K,)      [x_s, d_1..d_i]; row K-1 is the bonus position after all drafts
+Both verifiers return (n_accepted, next_token) as plain ints: d_1..d_{n_accepted} are
+committed, then next_token (a correction or the bonus), which becomes the next pending token.
+So every cycle commits n_accepted + 1 tokens, between 1 and K.
+
+Why the output equals the AR model's.
+
+Greedy. greedy_verify accepts d_{i+1} only if it equals target_argmax[i], the AR argmax for
+position s+i+1 given [prefix, x_s, d_1..d_i]. By induction on i, every accepted d is exactly
+the token greedy AR decoding would emit after the same committed prefix (the prefix it is
+conditioned on consists of committed tokens or accepted drafts, which equal greedy AR's). The
+next token is target_argmax[n_accepted], the AR argmax after the accepted prefix: again greedy
+AR's next token. So the committed sequence equals greedy AR token for token (in exact
+arithmetic; in bf16 a K-token verify pass can flip near-ties, see PAPER.md "Known pitfalls").
+
+Sampling (speculative sampling, Leviathan et al. 2023; Chen et al. 2023). Fix one position,
+with target p_target and draft p_draft (rows of the arrays above). The draft x ~ p_draft is
+accepted with probability min(1, p_target(x) / p_draft(x)); on rejection the emitted token is
+drawn from residual(y) = max(0, p_target(y) - p_draft(y)) / Z, Z = sum_y max(0, p_target(y) -
+p_draft(y)). The probability of rejecting is
+    sum_x p_draft(x) (1 - min(1, p_target(x)/p_draft(x))) = sum_x max(0, p_draft(x) - p_target(x))
+                                                          = 1 - sum_x min(p_draft(x), p_target(x)) = Z
+(both distributions sum to 1). Hence
+    P(emit y) = p_draft(y) min(1, p_target(y)/p_draft(y)) + Z * residual(y)
+              = min(p_draft, p_target)(y) + max(0, p_target(y) - p_draft(y)) = p_target(y).
+(If p_draft(y) = 0 the first term is 0 = min(p_draft, p_target)(y), so the identity holds.)
+Across positions: conditioned on the committed prefix, the token emitted at each position
+has law p_target(. | prefix) by the identity above; a rejection ends the cycle and the next
+cycle starts again from the committed prefix. By induction over positions (chain rule), the
+joint law of the committed tokens equals the AR model's sampling law. Note this needs
+p_target row i to be the AR distribution given d_1..d_i, which the verify pass provides, and
+p_draft to be exactly what the drafts were drawn from; p_draft may depend on earlier drafts
+or not (a diffusion view drafts all positions at once); a deterministic drafter has one-hot
+p_draft.
+
+Exactness in code: acceptance is decided as `u < min(1, p_target(x)/p_draft(x))` with u ~
+U[0, 1). IEEE division of equal numbers is exactly 1 and u < 1, so a draft with p_target(x) >=
+p_draft(x) is always accepted; a rejection therefore needs p_draft(x) > p_target(x), which
+(both rows summing to 1) implies Z > 0. residual_distribution only returns its fallback
+(p_target) when Z is exactly 0, i.e. on a branch reached with probability 0 in exact
+arithmetic (in floating point, only when the rows' sums differ by rounding, so with
+probability of order 1e-7 in float32). This is unlike a tolerance test such as "Z < 1e-6 ->
+use p_target", which is reached with probability Z whenever Z is small but positive and then
+emits from the wrong distribution (the small bias noted in PAPER.md).
+"""
+import torch
+
+
+def greedy_verify(draft_tokens: torch.Tensor, target_argmax: torch.Tensor) -> tuple[int, int]:
+    """Longest prefix of drafts that match the AR argmax, plus the AR argmax after it.
+
+    draft_tokens (K-1,) long, target_argmax (K,) long (see module conventions).
+    Returns (n_accepted, bonus_token): n_accepted is the largest n with
+    draft_tokens[:n] == target_argmax[:n], and bonus_token = target_argmax[n_accepted].
+    One host sync (the final .tolist()), no Python loop over positions.
+    """
+    if target_argmax.dim() != 1:
+        raise ValueError(f"target_argmax must be 1-D (K,), got shape {tuple(target_argmax.shape)}")
+    _check_block(draft_tokens, target_argmax.shape, "target_argmax")
+    matches = (draft_tokens == target_argmax[:-1]).long()          # (K-1,) 1 where d_{i+1} agrees
+    n_accepted = matches.cumprod(dim=0).sum()                      # () length of the all-ones prefix
+    bonus = target_argmax.gather(0, n_accepted.view(1))            # (1,) AR argmax after the prefix
+    n, token = torch.cat([n_accepted.view(1), bonus]).tolist()    # the single sync
+    return n, token
+
+
+def acceptance_probability(p_target_x: torch.Tensor, p_draft_x: torch.Tensor) -> torch.Tensor:
+    """min(1, p_target_x / p_draft_x), elementwise: the chance of keeping a drafted token x.
+
+    p_draft_x > 0 always holds for a token actually sampled from p_draft (multinomial never
+    draws a zero-probability token); callers must not pass drafts outside the draft's support.
+    Equal probabilities give exactly 1 (IEEE x / x == 1), so they are always accepted.
+    """
+    return torch.clamp(p_target_x / p_draft_x, max=1.0)
+
+
+def residual_distribution(p_target: torch.Tensor, p_draft: torch.Tensor) -> torch.Tensor:
+    """Normalised max(0, p_target - p_draft), rowwise over the last dim: (..., V) -> (..., V).
+
+    This is what a rejected position samples from. Where the residual mass is exactly 0
+    (p_target <= p_draft everywhere, i.e. equal distributions up to rounding) a rejection
+    cannot happen (see the module docstring), and the row returned is p_target: any valid
+    distribution would do, and p_target keeps the output a proper distribution.
+    """
+    residual = torch.clamp(p_target - p_draft, min=0.0)            # (..., V)
+    mass = residual.sum(dim=-1, keepdim=True)                      # (..., 1)
+    safe_mass = torch.where(mass > 0, mass, torch.ones_like(mass))
+    return torch.where(mass > 0, residual / safe_mass, p_target)
+
+
+def speculative_verify(draft_tokens: torch.Tensor, p_draft: torch.Tensor, p_target: torch.Tensor,
+                       generator: torch.Generator | None) -> tuple[int, int]:
+    """Speculative rejection sampling over one block; the output follows p_target exactly.
+
+    draft_tokens (K-1,) long, p_draft (K-1, V), p_target (K, V) (see module conventions).
+    Returns (n_accepted, next_token): drafts d_1..d_n are kept while u_i < min(1, p_target[i, d]
+    / p_draft[i, d]) with u_i ~ U[0, 1); at the first rejection i, next_token ~
+    residual_distribution(p_target[i], p_draft[i]); if all K-1 are kept, next_token ~
+    p_target[K-1] (the bonus). K-1 = 0 works (next_token ~ p_target[0]).
+
+    The generator must live on p_target's device. It is always consumed the same way (K-1 uniforms, then one multinomial draw),
+    whatever is accepted. All K-1 residuals are computed up front (cost O(K V), small next to
+    a forward pass) so that picking the row needs no host sync: one sync at the end.
+    """
+    if p_target.dim() != 2:
+        raise ValueError(f"p_target must be 2-D (K, V), got shape {tuple(p_target.shape)}")
+    _check_block(draft_tokens, p_target.shape, "p_target")
+    if p_draft.shape != (draft_tokens.shape[0], p_target.shape[1]):
+        raise ValueError(f"p_draft must have shape (K-1, V) = ({draft_tokens.shape[0]}, "
+                         f"{p_target.shape[1]}), got {tuple(p_draft.shape)}")
+    n_draft = draft_tokens.shape[0]
+    u = torch.rand(n_draft, generator=generator, dtype=p_target.dtype,
+                   device=p_target.device)                                        # (K-1,)
+    p_target_x = p_target[:-1].gather(1, draft_tokens.view(-1, 1)).squeeze(1)   # (K-1,)
+    p_draft_x = p_draft.gather(1, draft_tokens.view(-1, 1)).squeeze(1)           # (K-1,)
+    accepted = (u < acceptance_probability(p_target_x, p_draft_x)).long()       # (K-1,)
+    n_accepted = accepted.cumprod(dim=0).sum()                                   # ()
+
+    # Row i < K-1: where to sample if rejected at i; row K-1: the bonus after full acceptance.
+    next_dists = torch.cat([residual_distribution(p_target[:-1], p_draft), p_target[-1:]])  # (K, V)
+    next_dist = next_dists.index_select(0, n_accepted.view(1))                   # (1, V)
+    next_token = torch.multinomial(next_dist, num_samples=1, generator=generator).view(1)
+    n, token = torch.cat([n_accepted.view(1), next_token]).tolist()              # the single sync
+    return n, token
+
+
+def acceptance_histogram(accepted_counts: list[int], max_drafts: int) -> list[int]:
+    """Count cycles by number of accepted drafts: hist[n] = #cycles with n_accepted == n,
+    for n in 0..max_drafts (= K-1). Mean accepted length is sum(n * hist[n]) / sum(hist)."""
+    hist = [0] * (max_drafts + 1)
+    for n in accepted_counts:
+        if not 0 <= n <= max_drafts:
+            raise ValueError(f"accepted count {n} is outside 0..{max_drafts}; pass max_drafts = K-1")
+        hist[n] += 1
+    return hist
+
+
+def _check_block(draft_tokens: torch.Tensor, target_rows: torch.Size, name: str) -> None:
+    """Shape checks shared by both verifiers (Python-side only, no host sync)."""
+    if draft_tokens.dim() != 1:
+        raise ValueError(f"draft_tokens must be 1-D (K-1,), got shape {tuple(draft_tokens.shape)}")
+    if target_rows[0] != draft_tokens.shape[0] + 1:
+        raise ValueError(f"{name} must have K = len(draft_tokens) + 1 = {draft_tokens.shape[0] + 1} "
+                         f"rows, got shape {tuple(target_rows)}")

@@ -1,0 +1,191 @@
+"""
+The diffusion view of Orthrus (arXiv 2605.12825, Sec. 3): a lightweight, trainable second view of
+a frozen autoregressive GPT that drafts K-1 tokens in ONE forward pass.
+
+What the head owns (everything else belongs to the base and stays shared and frozen):
+  - per layer, its own attention projections q, k, v, o and its own q/k RMSNorms, initialised as
+    copies of the base layer's (`model.Attention`);
+  - a trainable MASK embedding, initialised from the base's (never trained) MASK row.
+
+The draft pass, read top to bottom in `DiffusionHead.draft_logits`:
+  the cache holds the committed prefix [0, s) written by the AR view; the last committed token
+  x_s is pending (not in the cache). The block [x_s, MASK x (K-1)] at positions s..s+K-1 runs
+  through every layer with the head's projections. Each block token attends to
+    (a) the cache's K/V of [0, s): the very tensors the AR view wrote, read in place, and
+    (b) all K block tokens bidirectionally (block K/V from the head's projections).
+  Nothing is written to the cache. The logits at block index i draft the token at position s+i+1
+  (shifted like an AR model), so one pass yields K-1 drafts.
+
+The training path (`block_logits_for_training`) computes the same thing for many anchors s of one
+sequence in a single forward: the frozen base runs once over the sequence and its K/V play the
+role of the cache; all blocks are stacked along the time axis and an attention mask lets a block
+token see base keys at positions < s and its own block, nothing else. The loss is the forward KL
+from the AR teacher (its distribution at position s+i) to the draft distribution at block index i.
+"""
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import GPT, apply_rope
+
+
+class DiffusionHead(nn.Module):
+    def __init__(self, base: GPT, mask_id: int, trained_draft_lens=(16,)):
+        super().__init__()
+        if not 0 <= mask_id < base.config.vocab_size:
+            raise ValueError(f"mask_id {mask_id} is outside the vocabulary (size {base.config.vocab_size})")
+        self.mask_id = mask_id
+        self.trained_draft_lens = sorted(int(k) for k in trained_draft_lens)
+        # the head's own attention, one per layer, starting as an exact copy of the base's
+        self.attn = nn.ModuleList(copy.deepcopy(layer.self_attn) for layer in base.layers)
+        self.mask_embedding = nn.Parameter(base.embed_tokens.weight[mask_id].detach().clone())
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    def head_config(self) -> dict:
+        return {"mask_id": self.mask_id, "trained_draft_lens": list(self.trained_draft_lens)}
+
+    @property
+    def max_trained_draft_len(self) -> int:
+        return max(self.trained_draft_lens)
+
+    def embed_block(self, base: GPT, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, T, n_embd) where every MASK id uses the head's MASK embedding."""
+        x = base.embed_tokens(tokens)
+        is_mask = (tokens == self.mask_id).unsqueeze(-1)
+        return torch.where(is_mask, self.mask_embedding.to(x.dtype), x)
+
+    # -----------------------------------------------------------------------------------------
+    # Inference: one draft pass over the shared cache
+
+    def draft_logits(self, base: GPT, cache, block: torch.Tensor) -> torch.Tensor:
+        """block: (B, K) = [x_s, MASK, ..., MASK] (or partly unmasked, for multi-step denoising) at
+        positions s..s+K-1 with s = cache.length. Returns logits (B, K, vocab); index i drafts
+        position s+i+1. Reads the cache in place; writes nothing to it."""
+        B, K = block.shape
+        s = cache.length
+        x = self.embed_block(base, block)  # (B, K, n_embd)
+        cos, sin = base.rope(s, s + K, x)
+        for i, layer in enumerate(base.layers):
+            attn = self.attn[i]
+            q, k, v = attn.project(layer.input_layernorm(x), cos, sin)  # q (B,H,K,D), k/v (B,Hkv,K,D)
+            k_prefix, v_prefix = cache.committed(i)  # (B, Hkv, s, D): views of what the AR view wrote
+            y = prefix_and_block_attention(q, k_prefix, v_prefix, k, v)  # (B, H, K, D)
+            x = x + attn.o_proj(y.transpose(1, 2).reshape(B, K, -1))
+            x = layer.feed_forward(x)  # shared, frozen MLP half of the block
+        return base.lm_head(base.norm(x))
+
+    # -----------------------------------------------------------------------------------------
+    # Training: many anchor blocks of one sequence in one masked forward
+
+    def block_logits_for_training(self, base: GPT, idx: torch.Tensor, base_k: list, base_v: list,
+                                  anchors: torch.Tensor, draft_len: int) -> torch.Tensor:
+        """idx: (B, T) a training sequence; base_k/base_v: per layer (B, Hkv, T, D), the frozen
+        base's keys/values over idx (what its KV cache would hold); anchors: (N,) positions s in
+        `valid_anchor_range` (each whole block lies inside the sequence). Returns draft logits (B, N, K, vocab)
+        equal to N separate `draft_logits` calls with the cache holding idx[:, :s]."""
+        B, T = idx.shape
+        K, N = draft_len, anchors.numel()
+        offsets = torch.arange(K, device=idx.device)
+        positions = (anchors[:, None] + offsets[None, :]).reshape(N * K)  # absolute position of each block token
+        block = torch.full((B, N, K), self.mask_id, dtype=idx.dtype, device=idx.device)
+        block[:, :, 0] = idx[:, anchors]  # the pending token x_s opens each block
+        x = self.embed_block(base, block.view(B, N * K))  # (B, N*K, n_embd)
+        cos_all, sin_all = base.rope(0, T + K, x)
+        cos, sin = cos_all[positions], sin_all[positions]  # (N*K, D)
+        mask = training_attention_mask(anchors, T, K)  # (N*K, T + N*K)
+        for i, layer in enumerate(base.layers):
+            attn = self.attn[i]
+            q, k, v = attn.project(layer.input_layernorm(x), cos, sin)  # (B, H or Hkv, N*K, D)
+            keys = torch.cat([base_k[i], k], dim=2)  # (B, Hkv, T + N*K, D)
+            values = torch.cat([base_v[i], v], dim=2)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            x = x + attn.o_proj(y.transpose(1, 2).reshape(B, N * K, -1))
+            x = layer.feed_forward(x)
+        return base.lm_head(base.norm(x)).view(B, N, K, -1)
+
+
+def prefix_and_block_attention(q, k_prefix, v_prefix, k_block, v_block):
+    """Softmax attention of block queries over two key sets without concatenating (copying) them:
+    the committed prefix (causally before every block token, so fully visible) and the block
+    itself (bidirectional). GQA: query head h uses key/value head h // (n_head / n_kv_head).
+
+    q: (B, H, K, D); k_prefix, v_prefix: (B, Hkv, s, D); k_block, v_block: (B, Hkv, K, D).
+    Returns (B, H, K, D)."""
+    B, H, K, D = q.shape
+    Hkv, s = k_prefix.size(1), k_prefix.size(2)
+    qg = q.reshape(B, Hkv, (H // Hkv) * K, D)  # group the query heads that share a kv head
+    scores = torch.cat([qg @ k_prefix.transpose(-1, -2), qg @ k_block.transpose(-1, -2)], dim=-1) * D**-0.5
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
+    y = probs[..., :s] @ v_prefix + probs[..., s:] @ v_block  # (B, Hkv, G*K, D)
+    return y.reshape(B, H, K, D)
+
+
+def training_attention_mask(anchors: torch.Tensor, seq_len: int, draft_len: int) -> torch.Tensor:
+    """Boolean (N*K, T + N*K), True = may attend. Block j (anchor s_j) sees base keys at positions
+    < s_j (the committed prefix; x_s itself is in the block, not in the cache) and all K tokens of
+    its own block; nothing of the other blocks."""
+    N, K = anchors.numel(), draft_len
+    device = anchors.device
+    block_of_query = torch.arange(N, device=device).repeat_interleave(K)  # (N*K,)
+    sees_base = torch.arange(seq_len, device=device)[None, :] < anchors[block_of_query][:, None]  # (N*K, T)
+    sees_block = block_of_query[:, None] == block_of_query[None, :]  # (N*K, N*K)
+    return torch.cat([sees_base, sees_block], dim=1)
+
+
+def valid_anchor_range(seq_len: int, draft_len: int) -> tuple[int, int]:
+    """Anchors s (inclusive range) whose whole block fits a sequence of T = seq_len tokens.
+    Block index i drafts position s+i+1 and is taught by the base output at position s+i (KL) or
+    by the data token at s+i+1 (CE), for i = 0..K-2, so s+K-1 <= T-1: s <= T-K. (KL alone would
+    allow s = T-K+1; one range for both losses keeps the KL-vs-CE ablation on identical anchors.)"""
+    return 0, seq_len - draft_len
+
+
+def choose_anchors(seq_len: int, draft_len: int, placement: str, generator: torch.Generator,
+                   n_random: int = 0) -> torch.Tensor:
+    """'aligned': s = 0, K, 2K, ... (non-overlapping blocks tiling the sequence);
+    'random': n_random distinct positions drawn uniformly from the valid range (default 2T/K)."""
+    lo, hi = valid_anchor_range(seq_len, draft_len)
+    if hi < lo:
+        raise ValueError(f"draft length {draft_len} does not fit a training sequence of {seq_len} tokens")
+    if placement == "aligned":
+        return torch.arange(lo, hi + 1, draft_len)
+    if placement == "random":
+        n = n_random or max(1, 2 * seq_len // draft_len)
+        n = min(n, hi - lo + 1)
+        return torch.randperm(hi - lo + 1, generator=generator)[:n].sort().values + lo
+    raise ValueError(f"unknown anchor placement {placement!r}: use 'aligned' or 'random'")
+
+
+def head_loss(draft_logits: torch.Tensor, teacher_logits: torch.Tensor, idx: torch.Tensor,
+              anchors: torch.Tensor, kind: str = "kl"):
+    """draft_logits: (B, N, K, V). Only block indices 0..K-2 draft (index i -> position s+i+1).
+    'kl': forward KL(teacher || draft), teacher = base distribution at position s+i (the paper's
+    objective); 'ce': cross-entropy against the data token at s+i+1 (the ablation).
+    Returns (loss, agreement) with agreement (N, K-1): draft argmax == teacher argmax, averaged
+    over the batch (the quantity that predicts the accepted length under greedy decoding)."""
+    B, N, K, V = draft_logits.shape
+    target_pos = anchors[:, None] + torch.arange(K - 1, device=anchors.device)[None, :]  # (N, K-1): position s+i
+    student = draft_logits[:, :, : K - 1].float()  # (B, N, K-1, V)
+    teacher = teacher_logits[:, target_pos].float()  # (B, N, K-1, V)
+    if kind == "kl":
+        log_p_teacher = F.log_softmax(teacher, dim=-1)
+        log_p_student = F.log_softmax(student, dim=-1)
+        loss = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1).mean()
+    elif kind == "ce":
+        labels = idx[:, target_pos + 1]  # (B, N, K-1): the data token at s+i+1
+        loss = F.cross_entropy(student.reshape(-1, V), labels.reshape(-1))
+    else:
+        raise ValueError(f"unknown head loss {kind!r}: use 'kl' or 'ce'")
+    agreement = (student.argmax(-1) == teacher.argmax(-1)).float().mean(0)  # (N, K-1)
+    return loss, agreement
+
+
+def expected_tokens_per_cycle(agreement_by_index: torch.Tensor) -> float:
+    """Tokens committed per draft+verify cycle implied by per-index agreement rates a_i (greedy):
+    1 (the bonus) + sum_j prod_{i<=j} a_i, treating the indices as independent. A rough predictor;
+    the measured figure comes from actually decoding (bench.py, sample.py --mode compare)."""
+    return 1.0 + torch.cumprod(agreement_by_index.double(), 0).sum().item()

@@ -1,0 +1,295 @@
+"""
+The autoregressive (AR) base model: a small decoder-only GPT whose block mirrors Qwen3, the
+backbone of the Orthrus paper (arXiv 2605.12825, Sec. 3), plus a preallocated, croppable KV cache.
+
+Layout of one layer (pre-norm, as in Qwen3):
+    x = x + o_proj(attention(rope(q_norm(q_proj(rms(x)))), rope(k_norm(k_proj(rms(x)))), v_proj(rms(x))))
+    x = x + down_proj(silu(gate_proj(rms(x))) * up_proj(rms(x)))
+
+Mapping onto a Hugging Face Qwen3 checkpoint (tensor for tensor, same shapes, no transposes):
+    model.embed_tokens.weight                        -> embed_tokens.weight
+    model.layers.{i}.input_layernorm.weight          -> layers.{i}.input_layernorm.weight
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight -> layers.{i}.self_attn.{q,k,v,o}_proj.weight
+    model.layers.{i}.self_attn.{q,k}_norm.weight     -> layers.{i}.self_attn.{q,k}_norm.weight
+    model.layers.{i}.post_attention_layernorm.weight -> layers.{i}.post_attention_layernorm.weight
+    model.layers.{i}.mlp.{gate,up,down}_proj.weight  -> layers.{i}.mlp.{gate,up,down}_proj.weight
+    model.norm.weight                                -> norm.weight
+    lm_head.weight                                   -> lm_head.weight (absent when tied)
+and config.json: hidden_size -> n_embd, intermediate_size -> mlp_hidden, num_hidden_layers ->
+n_layer, num_attention_heads -> n_head, num_key_value_heads -> n_kv_head, head_dim -> head_dim,
+rope_theta -> rope_theta, rms_norm_eps -> rms_norm_eps, tie_word_embeddings -> tie_embeddings,
+max_position_embeddings -> context_len.
+
+The seam for the Orthrus diffusion view (diffusion_head.py): `Attention.project` turns hidden
+states into rotated q, k, v, and `Attention.o_proj` maps the attention output back. The head owns
+a second `Attention` per layer and reuses everything else of a `Block`, reading the very K/V tensors
+this model wrote into its `KVCache`. This file knows nothing about the head.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _field(default, help: str):
+    """A dataclass field that carries its help text (train.py turns each field into a flag)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = _field(258, "token ids 0..vocab_size-1, special ids included (byte tokenizer: 256 + 2)")
+    context_len: int = _field(512, "longest sequence (prompt + generated tokens) the model handles")
+    n_layer: int = _field(6, "number of transformer blocks")
+    n_embd: int = _field(256, "width of the residual stream (Qwen3 hidden_size)")
+    n_head: int = _field(8, "query heads")
+    n_kv_head: int = _field(4, "key/value heads (grouped-query attention); must divide n_head")
+    head_dim: int = _field(32, "per-head width; n_head * head_dim need not equal n_embd, as in Qwen3")
+    mlp_hidden: int = _field(768, "SwiGLU inner width (Qwen3 intermediate_size)")
+    rope_theta: float = _field(10000.0, "RoPE base frequency")
+    rms_norm_eps: float = _field(1e-6, "epsilon of every RMSNorm")
+    tie_embeddings: bool = _field(True, "LM head shares the token-embedding matrix")
+
+    def __post_init__(self):
+        for name in ("vocab_size", "context_len", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "mlp_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_head % self.n_kv_head != 0:
+            raise ValueError(
+                f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}) for grouped-query attention; "
+                f"pick e.g. n_kv_head={math.gcd(self.n_head, self.n_kv_head)}"
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, with the committed length as its only state.
+
+    k, v: (n_layer, B, n_kv_head, capacity, head_dim). Slots [0, length) hold committed tokens.
+    `crop(n)` rolls back by moving `length` (O(1): no copy, no reallocation); the stale slots past
+    it are simply overwritten by the next forward. `capacity` is the context length plus room for
+    one draft block, so verifying a block that runs past the context never reallocates.
+
+    The cache has no hidden side effects: layers write their K/V at [length, length + T) through
+    `write`, and only GPT.forward advances `length`, once, after all layers ran.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, capacity: int, device=None, dtype=torch.float32):
+        shape = (config.n_layer, batch_size, config.n_kv_head, capacity, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.capacity = capacity
+        self.length = 0
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store new keys/values (B, n_kv_head, T, head_dim) at [length, length + T) of one layer and
+        return views of that layer's keys and values over [0, length + T)."""
+        start, end = self.length, self.length + k.size(2)
+        if end > self.capacity:
+            raise ValueError(f"KV cache overflow: {end} positions needed, capacity is {self.capacity}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def committed(self, layer: int):
+        """Views (no copy) of one layer's committed keys and values, (B, n_kv_head, length, head_dim)."""
+        return self.k[layer, :, :, : self.length], self.v[layer, :, :, : self.length]
+
+    def crop(self, n: int):
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot crop the KV cache to {n}: it holds {self.length} positions")
+        self.length = n
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE (the Llama/Qwen convention: pairs are (i, i + head_dim/2)).
+    x: (B, heads, T, head_dim); cos, sin: (T, head_dim)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def rope_table(head_dim: int, n_positions: int, theta: float, dtype=torch.float32, device=None):
+    """cos and sin of shape (n_positions, head_dim) for positions 0..n_positions-1."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    angles = torch.outer(torch.arange(n_positions, dtype=torch.float64, device=device), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)  # (n_positions, head_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def offset_causal_mask(n_past: int, n_new: int, device=None):
+    """Boolean mask (n_new, n_past + n_new), True = may attend.
+
+    New token i sits at absolute position n_past + i; it sees every cached position and the new
+    tokens up to itself: key j is visible iff j <= n_past + i. With n_past = 0 this is the usual
+    lower-triangular causal mask; with n_new = 1 it is all True (one decode step sees everything)."""
+    query_pos = torch.arange(n_past, n_past + n_new, device=device)[:, None]
+    key_pos = torch.arange(n_past + n_new, device=device)[None, :]
+    return key_pos <= query_pos
+
+
+class Attention(nn.Module):
+    """Qwen3 attention: q/k/v/o without bias, GQA, per-head RMSNorm on q and k before RoPE."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        c = config
+        self.n_head, self.n_kv_head, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
+        self.q_proj = nn.Linear(c.n_embd, c.n_head * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.n_embd, c.n_kv_head * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.n_embd, c.n_kv_head * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.n_head * c.head_dim, c.n_embd, bias=False)
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+
+    def project(self, x, cos, sin):
+        """Hidden states (B, T, n_embd) -> rotated q (B, n_head, T, head_dim), rotated k and plain v
+        (B, n_kv_head, T, head_dim). This is the seam the diffusion view substitutes."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        q = self.q_norm(q).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = self.k_norm(k).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = v.transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+        """AR attention over T new tokens. Without a cache: plain causal self-attention. With a cache
+        holding n_past positions: write the new K/V at [n_past, n_past + T) and attend to all
+        n_past + T keys through the offset causal mask."""
+        B, T, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            n_past = cache.length
+            k, v = cache.write(layer, k, v)  # (B, n_kv_head, n_past + T, head_dim), views
+            mask = None if T == 1 else offset_causal_mask(n_past, T, device=x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, n_head * head_dim)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+        return self.feed_forward(x)
+
+    def feed_forward(self, x):
+        """The MLP half of the block (shared by both Orthrus views)."""
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self._rope_cache = None  # (cos, sin) table, built lazily for the device/dtype in use
+        self.apply(self._init_weights)
+        # scaled init of the projections that write into the residual stream (GPT-2 / nanoGPT)
+        for name, p in self.named_parameters():
+            if name.endswith("o_proj.weight") or name.endswith("down_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+    def rope(self, start: int, end: int, like: torch.Tensor):
+        """cos, sin (end - start, head_dim) for absolute positions [start, end) in like's dtype/device."""
+        c = self.config
+        table = self._rope_cache
+        if table is None or table[0].size(0) < end or table[0].dtype != like.dtype or table[0].device != like.device:
+            n = max(end, 2 * c.context_len)  # context plus generous room for a draft block
+            table = rope_table(c.head_dim, n, c.rope_theta, dtype=like.dtype, device=like.device)
+            self._rope_cache = table
+        return table[0][start:end], table[1][start:end]
+
+    def new_cache(self, batch_size: int = 1, extra: int = 64, device=None, dtype=None) -> KVCache:
+        """A KV cache for context_len tokens plus `extra` slots (one draft block's room)."""
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, self.config.context_len + extra,
+                       device=device or p.device, dtype=dtype or p.dtype)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *, logits: str = "all"):
+        """idx: (B, T) token ids at positions [n_past, n_past + T), n_past = cache.length (0 without
+        a cache). With a cache, their K/V are appended and cache.length advances by T.
+
+        logits: "all" -> (B, T, vocab) for every position (training, verification);
+                "last" -> (B, 1, vocab) for the last position only (prefill before decoding).
+        """
+        if logits not in ("all", "last"):
+            raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
+        B, T = idx.shape
+        n_past = 0 if cache is None else cache.length
+        x = self.embed_tokens(idx)  # (B, T, n_embd)
+        cos, sin = self.rope(n_past, n_past + T, x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.length += T  # the one place the cache advances
+        if logits == "last":
+            x = x[:, -1:, :]
+        return self.lm_head(self.norm(x))

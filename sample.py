@@ -1,0 +1,192 @@
+"""
+Generate text from a checkpoint, with plain AR decoding or with Orthrus, and compare the two.
+
+    python sample.py --ckpt out/head/ckpt.pt --prompt "def "                  # Orthrus (head present)
+    python sample.py --ckpt out/head/ckpt.pt --prompt "def " --mode compare   # AR vs Orthrus side by side
+    python sample.py --ckpt out/head/ckpt.pt --prompt "def " --trace          # show accepted/rejected drafts
+    python sample.py --ckpt out/base/ckpt.pt --prompt "import " --temperature 0.8 --top-k 50
+
+Temperature 0 (the default) is greedy: Orthrus then returns exactly the AR model's text.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from common import UserError, load_checkpoint, load_model, pick_device, run_cli
+from orthrus import Orthrus, generate, generate_orthrus, transient_draft_bytes
+from tokenizer import load_tokenizer
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint from train.py (base, or base+head)")
+    p.add_argument("--prompt", default=None, help="prompt text (default: a newline)")
+    p.add_argument("--prompt-file", default=None, help="read the prompt from this file instead")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate (stops early at the context limit or end-of-text)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy argmax; > 0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample only from the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"],
+                   help="inference dtype (bf16 is fast on GPUs but may flip near-ties between AR and Orthrus)")
+    p.add_argument("--mode", default=None, choices=["orthrus", "ar", "compare"],
+                   help="decoder: orthrus (default when the checkpoint has a head), ar, or compare (both)")
+    p.add_argument("--draft-len", type=int, default=16, help="Orthrus draft block length K (K-1 drafts per cycle)")
+    p.add_argument("--denoise-steps", type=int, default=1, help="Orthrus diffusion passes per draft (1 = the paper's default)")
+    p.add_argument("--trace", action="store_true", help="show each cycle's accepted drafts, rejected tail and bonus token")
+    return p
+
+
+class TextStream:
+    """Prints decoded text as tokens arrive. Decodes everything committed so far and prints the
+    new suffix, holding back a trailing U+FFFD (a multi-byte character cut between tokens)."""
+
+    def __init__(self, tokenizer, enabled=True):
+        self.tokenizer, self.enabled, self.ids, self.printed = tokenizer, enabled, [], 0
+
+    def __call__(self, new_ids):
+        self.ids.extend(new_ids)
+        text = self.tokenizer.decode(self.ids)
+        stable = len(text.rstrip("\ufffd"))
+        if self.enabled and stable > self.printed:
+            sys.stdout.write(text[self.printed : stable])
+            sys.stdout.flush()
+        self.printed = max(self.printed, stable)
+
+    def finish(self):
+        text = self.tokenizer.decode(self.ids)
+        if self.enabled and len(text) > self.printed:
+            sys.stdout.write(text[self.printed :])
+        if self.enabled:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        return text
+
+
+class Tracer:
+    """One line per Orthrus cycle: accepted drafts, the rejected draft tail, and the AR view's
+    token (bonus or correction). Colour on a terminal, plain markers otherwise."""
+
+    def __init__(self, tokenizer, colour):
+        self.tokenizer, self.colour, self.cycle = tokenizer, colour, 0
+
+    def show(self, ids):
+        return repr(self.tokenizer.decode(ids))[1:-1]
+
+    def __call__(self, c):
+        self.cycle += 1
+        ok, bad = c["drafts"][: c["accepted"]], c["drafts"][c["accepted"] :]
+        nxt = self.show([c["next"]])
+        if self.colour:
+            line = f"\033[32m{self.show(ok)}\033[0m\033[9;31m{self.show(bad)}\033[0m\033[1;36m{nxt}\033[0m"
+        else:
+            line = f"[ok:{self.show(ok)}][x:{self.show(bad)}][+:{nxt}]"
+        print(f"cycle {self.cycle:>4} | accepted {c['accepted']:>2}/{len(c['drafts'])} | {line}", file=sys.stderr)
+
+
+def read_prompt(args):
+    if args.prompt is not None and args.prompt_file is not None:
+        raise UserError("give --prompt or --prompt-file, not both")
+    if args.prompt_file is not None:
+        if not os.path.isfile(args.prompt_file):
+            raise FileNotFoundError(f"prompt file {args.prompt_file!r} not found")
+        with open(args.prompt_file, encoding="utf-8") as f:
+            return f.read()
+    return "\n" if args.prompt is None else args.prompt
+
+
+def describe(stats, seconds=None):
+    line = (f"{stats.method}: {stats.new_tokens} tokens in {stats.prefill_seconds + stats.decode_seconds:.2f}s "
+            f"= {stats.tokens_per_second:.1f} tok/s (prefill {1000 * stats.prefill_seconds:.1f} ms)")
+    if stats.method == "orthrus":
+        line += (f" | {stats.tokens_per_cycle:.2f} tokens/cycle, {stats.tokens_per_forward:.2f} tokens/forward "
+                 f"(draft+verify passes counted) over {stats.cycles} cycles")
+    if stats.stop_reason == "context_limit":
+        line += " | stopped at the context limit"
+    elif stats.stop_reason == "eos":
+        line += " | stopped at end-of-text"
+    return line
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    device = pick_device(args.device, verbose=False)
+    dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[args.dtype]
+    ckpt = load_checkpoint(args.ckpt)
+    base, head = load_model(ckpt, device, dtype)
+    tokenizer = load_tokenizer(ckpt["tokenizer"], base_dir=ckpt.get("data_dir"))
+    prompt_text = read_prompt(args)
+    prompt = tokenizer.encode(prompt_text)
+    mode = args.mode or ("orthrus" if head is not None else "ar")
+    if head is None and mode != "ar":
+        if args.mode is None or args.mode == "orthrus":
+            print("note: this checkpoint has no diffusion head; running plain AR decoding", file=sys.stderr)
+            mode = "ar"
+        else:
+            raise UserError(f"--mode {mode} needs a checkpoint with a diffusion head (train one with --stage head)")
+    if mode != "ar":
+        if args.draft_len < 2:
+            raise UserError(f"--draft-len must be >= 2 (one pending token + at least one draft), got {args.draft_len}")
+        room = base.config.context_len - len(prompt)
+        if args.draft_len > room:
+            raise UserError(f"--draft-len {args.draft_len} exceeds the {room} positions left in the context "
+                            f"after a {len(prompt)}-token prompt; use a shorter draft or prompt")
+        if args.draft_len > head.max_trained_draft_len:
+            print(f"warning: --draft-len {args.draft_len} is longer than the head was trained for "
+                  f"(max {head.max_trained_draft_len}); drafts at the far end will mostly be rejected", file=sys.stderr)
+    common = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, eos_id=tokenizer.eot_id)
+
+    def run(method, stream_enabled):
+        stream_enabled = stream_enabled and not (args.trace and method == "orthrus")  # trace lines instead
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        stream = TextStream(tokenizer, stream_enabled)
+        if stream_enabled:
+            sys.stdout.write(prompt_text)
+        if method == "ar":
+            tokens, stats = generate(base, prompt, generator=generator, on_tokens=stream, **common)
+        else:
+            tracer = Tracer(tokenizer, sys.stderr.isatty()) if args.trace else None
+            tokens, stats = generate_orthrus(Orthrus(base, head), prompt, draft_len=args.draft_len, generator=generator,
+                                             on_tokens=stream, denoise_steps=args.denoise_steps, on_cycle=tracer, **common)
+        text = stream.finish()
+        if args.trace and method == "orthrus":
+            print(prompt_text + text)
+        return tokens, stats
+
+    if mode in ("ar", "orthrus"):
+        _, stats = run(mode, True)
+        print(describe(stats), file=sys.stderr)
+        if mode == "orthrus":
+            kv = transient_draft_bytes(base.config, args.draft_len, dtype)
+            print(f"memory: the head adds only one draft block's transient K/V ({kv / 1024:.1f} KiB at K={args.draft_len}); "
+                  f"the persistent KV cache is the AR model's", file=sys.stderr)
+        return stats
+
+    # compare: the same prompt and seed through both decoders
+    print("--- AR ---", file=sys.stderr)
+    ar_tokens, ar_stats = run("ar", True)
+    print("--- Orthrus ---", file=sys.stderr)
+    o_tokens, o_stats = run("orthrus", True)
+    print(describe(ar_stats), file=sys.stderr)
+    print(describe(o_stats), file=sys.stderr)
+    if args.temperature == 0:
+        same = "IDENTICAL" if ar_tokens == o_tokens else "DIFFERENT (see PAPER.md on low-precision near-ties)"
+        print(f"outputs: {same} ({len(ar_tokens)} vs {len(o_tokens)} tokens)", file=sys.stderr)
+    else:
+        print("outputs: sampled (temperature > 0): identically distributed, not identical token for token", file=sys.stderr)
+    kv = transient_draft_bytes(base.config, args.draft_len, dtype)
+    n_head = sum(p.numel() for p in head.parameters())
+    print(f"speedup: {o_stats.tokens_per_second / ar_stats.tokens_per_second:.2f}x tokens/s | extra memory: "
+          f"{n_head / 1e6:.2f}M head parameters, 0 bytes persistent cache, {kv / 1024:.1f} KiB transient per draft block",
+          file=sys.stderr)
+    return ar_stats, o_stats
+
+
+if __name__ == "__main__":
+    run_cli(main)

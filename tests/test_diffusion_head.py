@@ -1,0 +1,115 @@
+"""The diffusion view: inference path == training path (float64), and the draft pass reads the
+shared cache without touching it."""
+
+import torch
+
+from diffusion_head import DiffusionHead, choose_anchors, head_loss, training_attention_mask, valid_anchor_range
+from model import GPT, GPTConfig
+
+CFG = dict(vocab_size=40, context_len=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, head_dim=12, mlp_hidden=48)
+MASK_ID = 39
+
+
+def tiny_pair(seed=0):
+    torch.manual_seed(seed)
+    base = GPT(GPTConfig(**CFG)).double().eval()
+    head = DiffusionHead(base, MASK_ID).double()
+    with torch.no_grad():  # make the head differ from the base, as after training
+        for p in head.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return base, head
+
+
+def base_kv(base, idx):
+    cache = base.new_cache(batch_size=idx.size(0))
+    with torch.no_grad():
+        teacher = base(idx, cache, logits="all")
+    T = idx.size(1)
+    ks = [cache.k[i, :, :, :T] for i in range(base.config.n_layer)]
+    vs = [cache.v[i, :, :, :T] for i in range(base.config.n_layer)]
+    return teacher, ks, vs
+
+
+def test_head_starts_as_a_copy_of_the_base_attention():
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(**CFG))
+    head = DiffusionHead(base, MASK_ID)
+    for layer, attn in zip(base.layers, head.attn):
+        for (n1, p1), (n2, p2) in zip(layer.self_attn.named_parameters(), attn.named_parameters()):
+            assert n1 == n2 and torch.equal(p1, p2) and p1.data_ptr() != p2.data_ptr()
+    assert torch.equal(head.mask_embedding, base.embed_tokens.weight[MASK_ID])
+    # the head's state holds only its own tensors, never the base's
+    assert all(k.startswith(("attn.", "mask_embedding")) for k in head.state_dict())
+
+
+def test_training_path_equals_inference_path_float64():
+    base, head = tiny_pair()
+    torch.manual_seed(1)
+    B, T, K = 2, 40, 6
+    idx = torch.randint(0, MASK_ID, (B, T))
+    _, ks, vs = base_kv(base, idx)
+    anchors = torch.tensor([0, 1, 7, 20, T - K])
+    with torch.no_grad():
+        train_logits = head.block_logits_for_training(base, idx, ks, vs, anchors, K)  # (B, N, K, V)
+    assert train_logits.shape == (B, anchors.numel(), K, 40)
+    for j, s in enumerate(anchors.tolist()):
+        cache = base.new_cache(batch_size=B)
+        with torch.no_grad():
+            if s > 0:
+                base(idx[:, :s], cache)
+            block = torch.full((B, K), MASK_ID)
+            block[:, 0] = idx[:, s]
+            infer = head.draft_logits(base, cache, block)
+        torch.testing.assert_close(train_logits[:, j], infer, rtol=0, atol=1e-12)
+
+
+def test_draft_pass_leaves_cache_untouched():
+    base, head = tiny_pair()
+    idx = torch.randint(0, MASK_ID, (1, 20))
+    cache = base.new_cache(extra=8)
+    with torch.no_grad():
+        base(idx, cache)
+    k_before, v_before, length = cache.k.clone(), cache.v.clone(), cache.length
+    block = torch.full((1, 8), MASK_ID)
+    block[0, 0] = 3
+    with torch.no_grad():
+        head.draft_logits(base, cache, block)
+    assert cache.length == length
+    assert torch.equal(cache.k, k_before) and torch.equal(cache.v, v_before)  # whole buffer, stale slots included
+
+
+def test_training_mask_shape_and_visibility():
+    anchors = torch.tensor([0, 3])
+    m = training_attention_mask(anchors, seq_len=5, draft_len=2)
+    # block 0 (anchor 0) sees no base key and its own 2 tokens; block 1 sees base 0..2 and its own
+    assert m.tolist() == [
+        [False, False, False, False, False, True, True, False, False],
+        [False, False, False, False, False, True, True, False, False],
+        [True, True, True, False, False, False, False, True, True],
+        [True, True, True, False, False, False, False, True, True],
+    ]
+
+
+def test_anchor_choice():
+    g = torch.Generator().manual_seed(0)
+    lo, hi = valid_anchor_range(32, 8)
+    assert (lo, hi) == (0, 24)
+    assert choose_anchors(32, 8, "aligned", g).tolist() == [0, 8, 16, 24]
+    a = choose_anchors(32, 8, "random", g)
+    assert a.numel() == 8 and a.unique().numel() == 8 and a.min() >= lo and a.max() <= hi
+
+
+def test_kl_loss_is_zero_when_head_equals_teacher_and_ce_uses_next_token():
+    B, N, K, V = 1, 2, 4, 7
+    torch.manual_seed(0)
+    teacher = torch.randn(B, 12, V, dtype=torch.float64)
+    anchors = torch.tensor([1, 5])
+    draft = torch.stack([teacher[:, s : s + K] for s in anchors.tolist()], 1)  # index i == teacher at s+i
+    loss, agreement = head_loss(draft, teacher, torch.zeros(B, 12, dtype=torch.long), anchors, "kl")
+    assert abs(loss.item()) < 1e-6 and agreement.shape == (N, K - 1) and bool((agreement == 1).all())
+    idx = torch.randint(0, V, (B, 12))
+    loss_ce, _ = head_loss(draft, teacher, idx, anchors, "ce")
+    ref = torch.nn.functional.cross_entropy(
+        torch.cat([teacher[0, s : s + K - 1] for s in anchors.tolist()]).float(),
+        torch.cat([idx[0, s + 1 : s + K] for s in anchors.tolist()]))
+    torch.testing.assert_close(loss_ce, ref)

@@ -1,0 +1,495 @@
+"""
+Training, in two stages that share one loop:
+
+  base  pre-train the autoregressive GPT (next-token cross-entropy)
+  head  freeze that GPT and train only the Orthrus diffusion head by KL distillation from it
+        (arXiv 2605.12825, Sec. 3.3): many anchor blocks per sequence in one masked forward
+
+Quick start (CPU, ~10 + ~10 minutes on 2 cores; data first: `python data/prepare.py`):
+    python train.py --preset cpu                                    # -> out/base/ckpt.pt
+    python train.py --stage head --preset cpu --base-ckpt out/base/ckpt.pt   # -> out/head/ckpt.pt
+One GPU:
+    python train.py --preset gpu
+    python train.py --stage head --preset gpu --base-ckpt out/base/ckpt.pt
+Resume an interrupted run exactly where its last checkpoint left it:
+    python train.py --resume --out-dir out/base
+
+Every field of TrainConfig and GPTConfig is a flag (`python train.py --help`); a preset sets
+several at once and explicit flags override it.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from common import (UserError, add_dataclass_flags, autocast, build_base, clean_state_dict, dataclass_from,
+                    load_checkpoint, pick_autocast_dtype, pick_device, run_cli, save_checkpoint, state_sha256)
+from diffusion_head import DiffusionHead, choose_anchors, expected_tokens_per_cycle, head_loss
+from model import GPT, GPTConfig
+from tokenizer import load_tokens
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    stage: str = _f("base", "'base' (pre-train the GPT) or 'head' (train the diffusion head of a frozen base)")
+    data_dir: str = _f("data/stdlib", "folder written by data/prepare.py (train.bin, val.bin, meta.json)")
+    out_dir: str = _f("", "where ckpt.pt goes (default: out/base or out/head)")
+    base_ckpt: str = _f("", "head stage: the base checkpoint to freeze and distil from")
+    device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
+    dtype: str = _f("auto", "autocast dtype: auto (bf16 where native), float32 or bfloat16")
+    compile: bool = _f(False, "torch.compile the training forward")
+    seed: int = _f(1337, "seeds the model init and the data/anchor sampler")
+    max_steps: int = _f(1000, "optimizer steps")
+    batch_size: int = _f(8, "sequences per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    seq_len: int = _f(0, "training sequence length (0 = the model's context_len)")
+    lr: float = _f(1e-3, "peak learning rate")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr (cosine decay)")
+    warmup_steps: int = _f(50, "linear warm-up steps")
+    weight_decay: float = _f(0.1, "AdamW weight decay, applied to matrices only (not norms)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
+    eval_interval: int = _f(200, "evaluate on val every N steps (and at the end)")
+    eval_batches: int = _f(8, "val micro-batches per evaluation (the same windows every time)")
+    ckpt_interval: int = _f(200, "write the checkpoint every N steps (and at the end)")
+    log_interval: int = _f(10, "print the progress line every N steps")
+    # head stage only
+    draft_lens: str = _f("8,16,32", "head: draft block lengths K to train, one drawn per step (comma list)")
+    anchors: str = _f("random", "head: anchor placement, 'random' (2T/K distinct positions) or 'aligned' (every K)")
+    anchors_per_seq: int = _f(0, "head: random anchors per sequence (0 = 2T/K)")
+    loss: str = _f("kl", "head: 'kl' (distil the base's distribution) or 'ce' (data labels; ablation)")
+    teacher_data: str = _f("corpus", "head: 'corpus' (training text) or 'self' (text sampled from the base itself)")
+    self_data_tokens: int = _f(1_000_000, "head, --teacher-data self: tokens to generate")
+    self_temperature: float = _f(0.8, "head, --teacher-data self: sampling temperature (greedy text of small models loops)")
+    self_top_k: int = _f(0, "head, --teacher-data self: top-k for sampling (0 = off)")
+    self_prompt_len: int = _f(32, "head, --teacher-data self: corpus tokens that prompt each generated row")
+
+
+# Presets: named bundles of flags. Model fields (GPTConfig) apply to the base stage only.
+PRESETS = {
+    "base": {
+        # ~4.8M parameters, byte-level: ~10 minutes on 2 CPU cores (fp32)
+        "cpu": dict(n_layer=6, n_embd=256, n_head=8, n_kv_head=4, head_dim=32, mlp_hidden=768, context_len=512,
+                    batch_size=8, max_steps=800, lr=2e-3, warmup_steps=50, eval_interval=200, ckpt_interval=100),
+        # ~85M parameters for one GPU (bf16 + compile)
+        "gpu": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=4, head_dim=64, mlp_hidden=2048, context_len=1024,
+                    batch_size=32, grad_accum=2, max_steps=5000, lr=6e-4, warmup_steps=200, compile=True,
+                    eval_interval=500, ckpt_interval=500),
+        # seconds, for tests
+        "tiny": dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, head_dim=8, mlp_hidden=64, context_len=64,
+                     batch_size=4, max_steps=20, lr=3e-3, warmup_steps=5, eval_interval=10, eval_batches=2,
+                     ckpt_interval=10, log_interval=5),
+    },
+    "head": {
+        "cpu": dict(batch_size=4, max_steps=600, lr=1e-3, warmup_steps=30, weight_decay=0.0, eval_interval=200,
+                    ckpt_interval=100, eval_batches=4),
+        "gpu": dict(batch_size=16, max_steps=4000, lr=2e-4, warmup_steps=200, weight_decay=0.0, compile=False,
+                    eval_interval=500, ckpt_interval=500),
+        "tiny": dict(batch_size=2, max_steps=10, lr=3e-3, warmup_steps=2, weight_decay=0.0, eval_interval=5,
+                     eval_batches=1, ckpt_interval=5, log_interval=5, draft_lens="4,6"),
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+class TokenData:
+    """Random training windows and fixed validation windows from the token files of prepare.py."""
+
+    def __init__(self, data_dir: str):
+        meta_path = os.path.join(data_dir, "meta.json")
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"no {meta_path}: run `python data/prepare.py` first (or pass --data-dir)")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        self.train = load_tokens(os.path.join(data_dir, "train.bin"), self.meta["dtype"])
+        self.val = load_tokens(os.path.join(data_dir, "val.bin"), self.meta["dtype"])
+
+    def windows(self, split_tokens, batch_size: int, length: int, generator: torch.Generator):
+        """(batch_size, length) int64 windows starting at random offsets."""
+        n = split_tokens.numel() - length
+        if n <= 0:
+            raise UserError(f"the data has {split_tokens.numel()} tokens, too few for windows of {length}")
+        starts = torch.randint(0, n, (batch_size,), generator=generator).tolist()
+        return torch.stack([split_tokens[s : s + length].long() for s in starts])
+
+
+class RowData:
+    """Fixed rows of generated text (teacher data 'self'), drawn at random."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+
+    def windows(self, _split, batch_size, length, generator):
+        pick = torch.randint(0, self.rows.size(0), (batch_size,), generator=generator)
+        return self.rows[pick, :length]
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop shared by both stages
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(module: torch.nn.Module, cfg: TrainConfig, device):
+    """AdamW; weight decay on matrices (2-D+: projections, embeddings) only, never on norms/vectors."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def fmt_time(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def train_loop(cfg, trainable, optimizer, step_loss, evaluate, save, start_step, tokens_per_step, device):
+    """Run optimizer steps start_step..max_steps-1. step_loss() -> scalar loss of one micro-batch;
+    evaluate(step) prints val figures; save(step) writes the checkpoint (atomically). One extra
+    evaluation and save always happen at the end. Returns the last training loss."""
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    t_start, timed_steps, loss_ema, last = None, 0, None, float("nan")
+    step = start_step
+    try:
+        for step in range(start_step, cfg.max_steps):
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            total = 0.0
+            for _ in range(cfg.grad_accum):
+                loss = step_loss() / cfg.grad_accum
+                loss.backward()
+                total += loss.item()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            last = total
+            loss_ema = total if loss_ema is None else 0.9 * loss_ema + 0.1 * total
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            # throughput and ETA exclude the first steps (compilation, allocator warm-up)
+            if step - start_step == 2:
+                t_start = time.time()
+            elif step - start_step > 2:
+                timed_steps += 1
+            done = step + 1
+            if done % cfg.log_interval == 0 or done == cfg.max_steps:
+                if timed_steps > 0:
+                    per_step = (time.time() - t_start) / timed_steps
+                    speed = f"{tokens_per_step / per_step:,.0f} tok/s | ETA {fmt_time(per_step * (cfg.max_steps - done))}"
+                else:
+                    speed = "warming up"
+                print(f"step {done:>6}/{cfg.max_steps} | loss {total:.4f} (ema {loss_ema:.4f}) | lr {lr:.2e} | {speed}",
+                      flush=True)
+            if done % cfg.eval_interval == 0 and done != cfg.max_steps:
+                evaluate(done)
+            if done % cfg.ckpt_interval == 0 and done != cfg.max_steps:
+                save(done)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {step}; the checkpoint on disk is intact (resume with --resume)")
+        raise SystemExit(130)
+    evaluate(cfg.max_steps)
+    save(cfg.max_steps)
+    return last
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: base pre-training
+
+
+def train_base(cfg: TrainConfig, model_cfg: GPTConfig, resume_ckpt=None):
+    device = pick_device(cfg.device)
+    amp = pick_autocast_dtype(device, cfg.dtype)
+    data = TokenData(cfg.data_dir)
+    if model_cfg.vocab_size != data.meta["vocab_size"]:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=data.meta["vocab_size"])
+    seq_len = cfg.seq_len or model_cfg.context_len
+    if seq_len > model_cfg.context_len:
+        raise UserError(f"--seq-len {seq_len} exceeds the model's --context-len {model_cfg.context_len}")
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_cfg).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start = 0
+    if resume_ckpt is not None:
+        model.load_state_dict(resume_ckpt["model"])
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        gen.set_state(resume_ckpt["data_rng"])
+        start = resume_ckpt["step"]
+    print(f"base model: {model.num_params() / 1e6:.2f}M parameters, {json.dumps(dataclasses.asdict(model_cfg))}")
+    print(f"data: {data.train.numel():,} train / {data.val.numel():,} val tokens; {cfg.max_steps} steps of "
+          f"{cfg.batch_size}x{cfg.grad_accum}x{seq_len} tokens; starting at step {start}")
+    fwd = torch.compile(model) if cfg.compile else model
+
+    def lm_loss(idx):
+        with autocast(device, amp):
+            logits = fwd(idx[:, :-1], logits="all")
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), idx[:, 1:].reshape(-1))
+
+    def step_loss():
+        return lm_loss(data.windows(data.train, cfg.batch_size, seq_len + 1, gen).to(device))
+
+    val_loss = [float("nan")]
+
+    @torch.no_grad()
+    def evaluate(step):
+        model.eval()
+        g = torch.Generator().manual_seed(12345)  # the same windows at every evaluation
+        losses = [lm_loss(data.windows(data.val, cfg.batch_size, seq_len + 1, g).to(device)).item()
+                  for _ in range(cfg.eval_batches)]
+        model.train()
+        val_loss[0] = sum(losses) / len(losses)
+        print(f"eval step {step}: val loss {val_loss[0]:.4f} ({val_loss[0] / math.log(2):.3f} bits/token)", flush=True)
+
+    def save(step):
+        save_checkpoint({
+            "kind": "orthrus-base", "format_version": 1,
+            "model_config": dataclasses.asdict(model_cfg), "model": clean_state_dict(model),
+            "tokenizer": data.meta["tokenizer"], "data_dir": cfg.data_dir,
+            "optimizer": optimizer.state_dict(), "data_rng": gen.get_state(), "step": step,
+            "train_config": dataclasses.asdict(cfg), "val_loss": val_loss[0],
+        }, ckpt_path(cfg))
+        print(f"saved {ckpt_path(cfg)} (step {step})", flush=True)
+
+    model.train()
+    train_loop(cfg, model, optimizer, step_loss, evaluate, save, start, cfg.batch_size * cfg.grad_accum * seq_len, device)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: the diffusion head of a frozen base
+
+
+def parse_draft_lens(text: str) -> list:
+    try:
+        lens = sorted({int(x) for x in str(text).split(",") if x.strip()})
+    except ValueError:
+        raise UserError(f"--draft-lens must be a comma list of integers like 8,16,32, got {text!r}") from None
+    if not lens or lens[0] < 2:
+        raise UserError(f"--draft-lens needs lengths >= 2 (one pending token + at least one draft), got {text!r}")
+    return lens
+
+
+def base_kv_and_logits(base: GPT, idx: torch.Tensor):
+    """The frozen base's forward over idx: teacher logits (B, T, V) and every layer's K/V, taken
+    from a KV cache exactly as the AR view writes it at inference time."""
+    B, T = idx.shape
+    cache = base.new_cache(batch_size=B, extra=0)
+    logits = base(idx, cache, logits="all")
+    ks = [cache.k[i, :, :, :T] for i in range(base.config.n_layer)]
+    vs = [cache.v[i, :, :, :T] for i in range(base.config.n_layer)]
+    return logits, ks, vs
+
+
+@torch.no_grad()
+def sample_self_data(base: GPT, prompts: torch.Tensor, length: int, temperature: float, top_k: int,
+                     generator: torch.Generator, batch_size: int = 64) -> torch.Tensor:
+    """Rows of `length` tokens: each corpus prompt continued by the base's own samples
+    (the paper's self-distillation data). Sampled, not greedy: greedy text of small models loops."""
+    from sampling import logits_to_probs, sample_from
+    rows, t0 = [], time.time()
+    for i in range(0, prompts.size(0), batch_size):
+        p = prompts[i : i + batch_size]
+        cache = base.new_cache(batch_size=p.size(0), extra=0)
+        out = [p]
+        logits = base(p, cache, logits="last")[:, 0]
+        for _ in range(length - p.size(1)):
+            nxt = sample_from(logits_to_probs(logits.float(), temperature, top_k, 1.0), generator).view(-1, 1)
+            out.append(nxt)
+            if cache.length < length - 1:
+                logits = base(nxt, cache, logits="last")[:, 0]
+        rows.append(torch.cat(out, 1)[:, :length])
+        done = min(i + batch_size, prompts.size(0))
+        rate = done * length / (time.time() - t0)
+        print(f"self data: {done}/{prompts.size(0)} rows | {rate:,.0f} tok/s | "
+              f"ETA {fmt_time((prompts.size(0) - done) * length / rate)}", flush=True)
+    return torch.cat(rows)
+
+
+def train_head(cfg: TrainConfig, resume_ckpt=None):
+    device = pick_device(cfg.device)
+    amp = pick_autocast_dtype(device, cfg.dtype)
+    base_path = resume_ckpt["base_ckpt"] if resume_ckpt is not None else cfg.base_ckpt
+    if not base_path:
+        raise UserError("--stage head needs --base-ckpt PATH (a checkpoint from `python train.py --stage base`)")
+    base_ckpt = load_checkpoint(base_path)
+    base = build_base(base_ckpt, device)
+    base.requires_grad_(False).eval()  # frozen: no gradients, no dropout-like behaviour changes
+    base_hash = state_sha256(base.state_dict())
+    if resume_ckpt is not None and resume_ckpt["base_sha256"] != base_hash:
+        raise UserError(f"{base_path} is not the base this head was trained on (sha256 differs); "
+                        "pass the original base checkpoint")
+    data = TokenData(cfg.data_dir)
+    if data.meta["tokenizer"] != base_ckpt["tokenizer"]:
+        raise UserError(f"--data-dir {cfg.data_dir} was tokenized with {data.meta['tokenizer']['kind']} "
+                        f"(vocab {data.meta['vocab_size']}) but the base uses {base_ckpt['tokenizer']['kind']} "
+                        f"(vocab {base.config.vocab_size}); prepare the data with the base's tokenizer")
+    seq_len = cfg.seq_len or base.config.context_len
+    draft_lens = parse_draft_lens(cfg.draft_lens)
+    if draft_lens[-1] > seq_len // 2:
+        raise UserError(f"draft length {draft_lens[-1]} is too long for training sequences of {seq_len} tokens")
+    torch.manual_seed(cfg.seed)
+    head = DiffusionHead(base, base_ckpt["tokenizer"]["mask_id"], draft_lens).to(device)
+    optimizer = make_optimizer(head, cfg, device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start = 0
+    if resume_ckpt is not None:
+        head.load_state_dict(resume_ckpt["head"])
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        gen.set_state(resume_ckpt["data_rng"])
+        start = resume_ckpt["step"]
+    n_head, n_base = sum(p.numel() for p in head.parameters()), base.num_params()
+    print(f"head: {n_head / 1e6:.2f}M trainable parameters = {100 * n_head / (n_head + n_base):.1f}% of base+head "
+          f"({n_base / 1e6:.2f}M frozen); draft lengths {draft_lens}, anchors {cfg.anchors}, loss {cfg.loss}")
+
+    source = data
+    if cfg.teacher_data == "self":
+        rows_path = os.path.join(out_dir(cfg), "self_data.pt")
+        if os.path.exists(rows_path):
+            rows = torch.load(rows_path, weights_only=True)
+            print(f"self data: reusing {rows_path} ({rows.numel():,} tokens)")
+        else:
+            n_rows = max(1, cfg.self_data_tokens // seq_len)
+            prompts = data.windows(data.train, n_rows, cfg.self_prompt_len, torch.Generator().manual_seed(cfg.seed + 1))
+            sampler_gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
+            rows = sample_self_data(base, prompts.to(device), seq_len, cfg.self_temperature, cfg.self_top_k,
+                                    sampler_gen).cpu()
+            save_checkpoint(rows, rows_path)
+        source = RowData(rows)
+    elif cfg.teacher_data != "corpus":
+        raise UserError(f"unknown --teacher-data {cfg.teacher_data!r}: use 'corpus' or 'self'")
+
+    def block_loss(idx, K, anchors):
+        with autocast(device, amp):
+            with torch.no_grad():
+                teacher, ks, vs = base_kv_and_logits(base, idx)
+            logits = head.block_logits_for_training(base, idx, ks, vs, anchors.to(device), K)
+        return head_loss(logits, teacher, idx, anchors.to(device), cfg.loss)
+
+    def step_loss():
+        K = draft_lens[torch.randint(len(draft_lens), (1,), generator=gen).item()]
+        anchors = choose_anchors(seq_len, K, cfg.anchors, gen, cfg.anchors_per_seq)
+        idx = source.windows(data.train, cfg.batch_size, seq_len, gen).to(device)
+        return block_loss(idx, K, anchors)[0]
+
+    @torch.no_grad()
+    def evaluate(step):
+        head.eval()
+        for K in draft_lens:
+            g = torch.Generator().manual_seed(12345)
+            anchors = choose_anchors(seq_len, K, "aligned", g)
+            losses, agree = [], 0
+            for _ in range(cfg.eval_batches):
+                loss, a = block_loss(data.windows(data.val, cfg.batch_size, seq_len, g).to(device), K, anchors)
+                losses.append(loss.item())
+                agree = agree + a.mean(0)  # (K-1,) agreement at each block index
+            agree = agree / cfg.eval_batches
+            shown = " ".join(f"{x:.2f}" for x in agree[:8].tolist()) + (" ..." if K - 1 > 8 else "")
+            print(f"eval step {step}: K={K} val {cfg.loss} {sum(losses) / len(losses):.4f} | agreement by index "
+                  f"{shown} | expected tokens/cycle {expected_tokens_per_cycle(agree):.2f}", flush=True)
+        head.train()
+
+    def save(step):
+        if state_sha256(base.state_dict()) != base_hash:  # the base must come out bit-identical
+            raise RuntimeError("the frozen base changed during head training; this is a bug")
+        save_checkpoint({
+            "kind": "orthrus", "format_version": 1,
+            "model_config": dict(base_ckpt["model_config"]), "model": clean_state_dict(base),
+            "tokenizer": base_ckpt["tokenizer"], "data_dir": cfg.data_dir,
+            "head_config": head.head_config(), "head": clean_state_dict(head),
+            "base_ckpt": base_path, "base_sha256": base_hash,
+            "optimizer": optimizer.state_dict(), "data_rng": gen.get_state(), "step": step,
+            "train_config": dataclasses.asdict(cfg),
+        }, ckpt_path(cfg))
+        print(f"saved {ckpt_path(cfg)} (step {step}; base unchanged, sha256 {base_hash[:12]})", flush=True)
+
+    head.train()
+    train_loop(cfg, head, optimizer, step_loss, evaluate, save, start, cfg.batch_size * cfg.grad_accum * seq_len, device)
+    return base, head
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def out_dir(cfg: TrainConfig) -> str:
+    return cfg.out_dir or os.path.join("out", cfg.stage)
+
+
+def ckpt_path(cfg: TrainConfig) -> str:
+    return os.path.join(out_dir(cfg), "ckpt.pt")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=None, help="named flag bundle: cpu, gpu or tiny (per stage; see PRESETS)")
+    p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out-dir exactly")
+    add_dataclass_flags(p, TrainConfig)
+    add_dataclass_flags(p, GPTConfig, skip=("vocab_size",))
+    return p
+
+
+def configs_from_args(args):
+    flags = {k: v for k, v in vars(args).items() if v is not None}
+    stage = flags.get("stage", "base")
+    if stage not in PRESETS:
+        raise UserError(f"unknown --stage {stage!r}: use 'base' or 'head'")
+    preset = {}
+    if args.preset is not None:
+        if args.preset not in PRESETS[stage]:
+            raise UserError(f"unknown --preset {args.preset!r} for stage {stage}: choose from {sorted(PRESETS[stage])}")
+        preset = PRESETS[stage][args.preset]
+    cfg = dataclass_from(TrainConfig, preset, flags)
+    model_cfg = dataclass_from(GPTConfig, preset, flags)
+    for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "ckpt_interval", "log_interval"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    return cfg, model_cfg
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    cfg, model_cfg = configs_from_args(args)
+    resume_ckpt = None
+    if args.resume:
+        resume_ckpt = load_checkpoint(ckpt_path(cfg))
+        saved = dataclass_from(TrainConfig, resume_ckpt["train_config"])
+        # the run continues exactly as configured; only where to run it may change
+        cfg = dataclasses.replace(saved, device=cfg.device, out_dir=cfg.out_dir or saved.out_dir)
+        model_cfg = GPTConfig(**resume_ckpt["model_config"])
+        print(f"resuming {ckpt_path(cfg)} at step {resume_ckpt['step']}/{cfg.max_steps} with its saved configuration")
+        if resume_ckpt["step"] >= cfg.max_steps:
+            print("nothing to do: the run is already complete")
+            return None
+    os.makedirs(out_dir(cfg), exist_ok=True)
+    if cfg.stage == "base":
+        return train_base(cfg, model_cfg, resume_ckpt)
+    return train_head(cfg, resume_ckpt)
+
+
+if __name__ == "__main__":
+    run_cli(main)
