@@ -26,7 +26,7 @@ def run_cli(main, argv=None):
     """Run a script's main(argv), turning user mistakes into `error: ...` and exit code 2."""
     try:
         return main(argv)
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, ConnectionError) as e:
+    except (ValueError, OSError) as e:  # OSError: missing/unreadable files, bad folders, no network
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
@@ -139,11 +139,16 @@ def save_checkpoint(obj: dict, path: str):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
@@ -204,3 +209,22 @@ def load_model(ckpt: dict, device="cpu", dtype=torch.float32):
     except RuntimeError as e:
         raise UserError(f"the head does not fit this base ({str(e).splitlines()[0][:150]})") from None
     return base, head.to(device=device, dtype=dtype).requires_grad_(False).eval()
+
+
+def tokenizer_model_tensor(tokenizer_meta: dict, data_dir: str):
+    """The sentencepiece model file as a uint8 tensor, so checkpoints are self-contained
+    (None for byte/tiktoken, which need no file)."""
+    if tokenizer_meta.get("kind") != "sentencepiece":
+        return None
+    path = os.path.join(data_dir, tokenizer_meta["model_file"])
+    with open(path, "rb") as f:
+        return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+
+
+def load_ckpt_tokenizer(ckpt: dict):
+    """The tokenizer a checkpoint was trained with (from the bytes it carries, if any)."""
+    from tokenizer import load_tokenizer
+
+    blob = ckpt.get("tokenizer_model")
+    model_bytes = None if blob is None else bytes(blob.clone().untyped_storage())
+    return load_tokenizer(ckpt["tokenizer"], base_dir=ckpt.get("data_dir"), model_bytes=model_bytes)

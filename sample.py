@@ -16,9 +16,8 @@ import time
 
 import torch
 
-from common import UserError, load_checkpoint, load_model, pick_device, run_cli
-from orthrus import Orthrus, generate, generate_orthrus, transient_draft_bytes
-from tokenizer import load_tokenizer
+from common import UserError, load_checkpoint, load_ckpt_tokenizer, load_model, pick_device, run_cli
+from orthrus import Orthrus, check_decode_args, generate, generate_orthrus, transient_draft_bytes
 
 
 def build_parser():
@@ -95,8 +94,11 @@ def read_prompt(args):
     if args.prompt_file is not None:
         if not os.path.isfile(args.prompt_file):
             raise FileNotFoundError(f"prompt file {args.prompt_file!r} not found")
-        with open(args.prompt_file, encoding="utf-8") as f:
-            return f.read()
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                return f.read()
+        except UnicodeDecodeError as e:
+            raise UserError(f"prompt file {args.prompt_file!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     return "\n" if args.prompt is None else args.prompt
 
 
@@ -119,16 +121,17 @@ def main(argv=None):
     dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[args.dtype]
     ckpt = load_checkpoint(args.ckpt)
     base, head = load_model(ckpt, device, dtype)
-    tokenizer = load_tokenizer(ckpt["tokenizer"], base_dir=ckpt.get("data_dir"))
+    tokenizer = load_ckpt_tokenizer(ckpt)
     prompt_text = read_prompt(args)
     prompt = tokenizer.encode(prompt_text)
-    mode = args.mode or ("orthrus" if head is not None else "ar")
-    if head is None and mode != "ar":
-        if args.mode is None or args.mode == "orthrus":
-            print("note: this checkpoint has no diffusion head; running plain AR decoding", file=sys.stderr)
-            mode = "ar"
-        else:
-            raise UserError(f"--mode {mode} needs a checkpoint with a diffusion head (train one with --stage head)")
+    # every input check before any output: a bad flag gives exactly one line
+    check_decode_args(base.config, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    mode = args.mode or "orthrus"
+    if head is None and mode == "compare":
+        raise UserError("--mode compare needs a checkpoint with a diffusion head (train one with --stage head)")
+    if head is None and mode == "orthrus":
+        print("note: this checkpoint has no diffusion head; running plain AR decoding", file=sys.stderr)
+        mode = "ar"
     if mode != "ar":
         if args.draft_len < 2:
             raise UserError(f"--draft-len must be >= 2 (one pending token + at least one draft), got {args.draft_len}")
@@ -136,6 +139,8 @@ def main(argv=None):
         if args.draft_len > room:
             raise UserError(f"--draft-len {args.draft_len} exceeds the {room} positions left in the context "
                             f"after a {len(prompt)}-token prompt; use a shorter draft or prompt")
+        if args.denoise_steps < 1:
+            raise UserError(f"--denoise-steps must be >= 1, got {args.denoise_steps}")
         if args.draft_len > head.max_trained_draft_len:
             print(f"warning: --draft-len {args.draft_len} is longer than the head was trained for "
                   f"(max {head.max_trained_draft_len}); drafts at the far end will mostly be rejected", file=sys.stderr)

@@ -135,16 +135,20 @@ class SentencePieceTokenizer(Tokenizer):
 
     kind = "sentencepiece"
 
-    def __init__(self, model_file):
+    def __init__(self, model_file, model_bytes=None):
+        """model_bytes: the .model file's content (checkpoints carry it, so they are self-contained);
+        when given, model_file is only the name recorded in meta."""
         import sentencepiece as spm
 
-        if not os.path.isfile(model_file):
-            raise FileNotFoundError(
-                f"sentencepiece model {model_file} not found: run "
-                f"`python data/prepare.py --tokenizer sentencepiece ...` to train it"
-            )
-        with open(model_file, "rb") as f:
-            self.model_bytes = f.read()
+        if model_bytes is None:
+            if not os.path.isfile(model_file):
+                raise FileNotFoundError(
+                    f"sentencepiece model {model_file} not found: run "
+                    f"`python data/prepare.py --tokenizer sentencepiece ...` to train it"
+                )
+            with open(model_file, "rb") as f:
+                model_bytes = f.read()
+        self.model_bytes = model_bytes
         self.model_file = model_file
         self.sp = spm.SentencePieceProcessor(model_proto=self.model_bytes)
         self.vocab_size = self.sp.get_piece_size()
@@ -329,7 +333,7 @@ def get_tiktoken(name):
 # rebuilding from meta
 
 
-def load_tokenizer(meta, base_dir=None):
+def load_tokenizer(meta, base_dir=None, model_bytes=None):
     """Rebuild the tokenizer described by `meta` (a tokenizer's meta(), or a data meta.json dict
     holding one under "tokenizer"). A sentencepiece model file is looked up in base_dir (the data
     or checkpoint folder; the current directory when None)."""
@@ -340,7 +344,7 @@ def load_tokenizer(meta, base_dir=None):
         tok = ByteTokenizer()
     elif kind == "sentencepiece":
         path = os.path.join(base_dir or ".", meta["model_file"])
-        tok = SentencePieceTokenizer(path)
+        tok = SentencePieceTokenizer(path, model_bytes)
         want = meta.get("model_sha256")
         if want and want != tok.meta()["model_sha256"]:
             raise ValueError(

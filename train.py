@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from common import (UserError, add_dataclass_flags, autocast, build_base, clean_state_dict, dataclass_from,
-                    load_checkpoint, pick_autocast_dtype, pick_device, run_cli, save_checkpoint, state_sha256)
+                    load_checkpoint, pick_autocast_dtype, pick_device, run_cli, save_checkpoint, state_sha256,
+                    tokenizer_model_tensor)
 from diffusion_head import DiffusionHead, choose_anchors, expected_tokens_per_cycle, head_loss
 from model import GPT, GPTConfig
 from tokenizer import load_tokens
@@ -270,6 +271,7 @@ def train_base(cfg: TrainConfig, model_cfg: GPTConfig, resume_ckpt=None):
             "kind": "orthrus-base", "format_version": 1,
             "model_config": dataclasses.asdict(model_cfg), "model": clean_state_dict(model),
             "tokenizer": data.meta["tokenizer"], "data_dir": cfg.data_dir,
+            "tokenizer_model": tokenizer_model_tensor(data.meta["tokenizer"], cfg.data_dir),
             "optimizer": optimizer.state_dict(), "data_rng": gen.get_state(), "step": step,
             "train_config": dataclasses.asdict(cfg), "val_loss": val_loss[0],
         }, ckpt_path(cfg))
@@ -420,6 +422,7 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
             "kind": "orthrus", "format_version": 1,
             "model_config": dict(base_ckpt["model_config"]), "model": clean_state_dict(base),
             "tokenizer": base_ckpt["tokenizer"], "data_dir": cfg.data_dir,
+            "tokenizer_model": base_ckpt.get("tokenizer_model"),
             "head_config": head.head_config(), "head": clean_state_dict(head),
             "base_ckpt": base_path, "base_sha256": base_hash,
             "optimizer": optimizer.state_dict(), "data_rng": gen.get_state(), "step": step,
@@ -485,7 +488,6 @@ def main(argv=None):
         if resume_ckpt["step"] >= cfg.max_steps:
             print("nothing to do: the run is already complete")
             return None
-    os.makedirs(out_dir(cfg), exist_ok=True)
     if cfg.stage == "base":
         return train_base(cfg, model_cfg, resume_ckpt)
     return train_head(cfg, resume_ckpt)

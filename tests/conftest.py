@@ -5,3 +5,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+# The test models are tiny (thousands of parameters): their ops are too small to share between
+# threads, and on a 2-core machine OpenMP threads spin-waiting on each other (or on another
+# process) make them many times slower. One thread for the whole session.
+torch.set_num_threads(1)

@@ -1,0 +1,265 @@
+"""Orthrus decoding is lossless: greedy output equals greedy AR token for token (float64), and
+sampled output follows the AR sampling distribution. Also the cache bookkeeping after every cycle."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from diffusion_head import DiffusionHead, choose_anchors, head_loss
+from model import GPT, GPTConfig
+from orthrus import Orthrus, generate, generate_orthrus
+from sampling import logits_to_probs
+
+V, MASK = 24, 23
+CFG = dict(vocab_size=V, context_len=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, head_dim=8, mlp_hidden=64)
+
+
+def random_orthrus(seed=0, **cfg):
+    torch.manual_seed(seed)
+    base = GPT(GPTConfig(**{**CFG, **cfg})).double().eval()
+    with torch.no_grad():  # larger weights than init: peaked, prompt-dependent distributions
+        for p in base.parameters():
+            p.mul_(4.0)
+    head = DiffusionHead(base, MASK).double()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return Orthrus(base, head)
+
+
+class CheckedOrthrus(Orthrus):
+    """Records, before every draft, that the cache holds exactly the committed tokens minus the
+    pending one (cache length == committed length - 1) and that their K/V equal a fresh prefill."""
+
+    def __init__(self, base, head, prompt):
+        super().__init__(base, head)
+        self.prompt, self.committed, self.checks = list(prompt), [], 0
+
+    def draft(self, cache, pending, draft_len, *args, **kwargs):
+        seq = self.prompt + self.committed
+        assert seq[-1] == pending
+        assert cache.length == len(seq) - 1
+        ref = self.base.new_cache(extra=0)
+        self.base(torch.tensor([seq[:-1]]), ref)
+        n = cache.length
+        torch.testing.assert_close(cache.k[:, :, :, :n], ref.k[:, :, :, :n], rtol=0, atol=1e-12)
+        self.checks += 1
+        return super().draft(cache, pending, draft_len, *args, **kwargs)
+
+
+class OracleOrthrus(Orthrus):
+    """A head that drafts perfectly: it runs the AR view greedily on a copy of the cache, so every
+    cycle must accept all K-1 drafts. Exercises the sampler's bookkeeping at full acceptance."""
+
+    def draft(self, cache, pending, draft_len, *args, **kwargs):
+        saved_length = cache.length
+        k, v = cache.k.clone(), cache.v.clone()
+        tok, drafts = pending, []
+        for _ in range(draft_len - 1):
+            tok = int(self.base(torch.tensor([[tok]]), cache, logits="last")[0, -1].argmax())
+            drafts.append(tok)
+        cache.k.copy_(k)
+        cache.v.copy_(v)
+        cache.crop(saved_length)
+        return torch.tensor(drafts), None
+
+
+def ar_reference(model, prompt, n):
+    tokens, _ = generate(model.base, prompt, n)
+    return tokens
+
+
+@pytest.mark.parametrize("draft_len", [2, 3, 5, 8])
+def test_greedy_equals_ar_random_untrained(draft_len):
+    model = random_orthrus()
+    for seed in range(3):
+        torch.manual_seed(100 + seed)
+        prompt = torch.randint(0, V - 1, (5 + seed,)).tolist()
+        ref = ar_reference(model, prompt, 30)
+        checked = CheckedOrthrus(model.base, model.head, prompt)
+        committed = checked.committed
+        out, stats = generate_orthrus(checked, prompt, 30, draft_len=draft_len, on_tokens=committed.extend)
+        assert out == ref
+        assert committed == ref  # the stream saw exactly the returned tokens, in order
+        assert checked.checks == stats.cycles > 0
+        assert sum(stats.committed_per_cycle) == len(out) - 1  # first token comes from prefill
+        assert all(0 <= a <= draft_len - 1 for a in stats.accepted_per_cycle)
+
+
+def test_oracle_head_accepts_every_draft():
+    model = random_orthrus(seed=1)
+    prompt = [1, 2, 3]
+    K = 6
+    oracle = OracleOrthrus(model.base, model.head)
+    out, stats = generate_orthrus(oracle, prompt, 31, draft_len=K)
+    assert out == ar_reference(model, prompt, 31)
+    assert stats.cycles == 5  # 30 tokens after the prefill token, K per cycle
+    assert stats.accepted_per_cycle == [K - 1] * 5
+    assert stats.tokens_per_cycle == K
+
+
+@pytest.mark.parametrize("prompt_len", [50, 58, 62, 63])
+def test_greedy_equals_ar_near_context_limit(prompt_len):
+    model = random_orthrus(seed=2)
+    torch.manual_seed(prompt_len)
+    prompt = torch.randint(0, V - 1, (prompt_len,)).tolist()
+    ref, ref_stats = generate(model.base, prompt, 40)
+    for oracle in (False, True):
+        cls = OracleOrthrus if oracle else Orthrus
+        out, stats = generate_orthrus(cls(model.base, model.head), prompt, 40, draft_len=8)
+        assert out == ref
+        assert len(prompt) + len(out) == 64  # stops cleanly at the context length...
+        assert stats.stop_reason == ref_stats.stop_reason == "context_limit"  # ...and says so
+
+
+def test_stops_at_end_of_text_like_ar():
+    model = random_orthrus(seed=3)
+    prompt = [4, 5, 6]
+    ref = ar_reference(model, prompt, 40)
+    eos = ref[7]  # pretend a token the model emits is end-of-text
+    ar_out, ar_stats = generate(model.base, prompt, 40, eos_id=eos)
+    out, stats = generate_orthrus(OracleOrthrus(model.base, model.head), prompt, 40, draft_len=5, eos_id=eos)
+    assert out == ar_out == ref[: ref.index(eos) + 1]
+    assert stats.stop_reason == ar_stats.stop_reason == "eos"
+
+
+def test_bad_decode_arguments():
+    model = random_orthrus()
+    with pytest.raises(ValueError, match="zero tokens"):
+        generate_orthrus(model, [], 5)
+    with pytest.raises(ValueError, match="context holds 64"):
+        generate(model.base, [1] * 64, 5)
+    with pytest.raises(ValueError, match="draft length must be >= 2"):
+        generate_orthrus(model, [1], 5, draft_len=1)
+    with pytest.raises(ValueError, match="temperature"):
+        generate_orthrus(model, [1], 5, temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model.base, [1], 5, temperature=1.0, top_p=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# A briefly trained tiny model: drafts are mostly right, so long accepted runs are exercised
+
+
+def periodic_batch(g, B=8, T=48):
+    """Sequences that follow one of a few fixed cycles: easy for the base, learnable for the head."""
+    cycles = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17]]
+    rows = []
+    for _ in range(B):
+        c = cycles[int(torch.randint(len(cycles), (1,), generator=g))]
+        start = int(torch.randint(len(c), (1,), generator=g))
+        rows.append([c[(start + t) % len(c)] for t in range(T)])
+    return torch.tensor(rows)
+
+
+@pytest.fixture(scope="module")
+def trained_orthrus():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    base = GPT(GPTConfig(**CFG))
+    opt = torch.optim.AdamW(base.parameters(), lr=3e-3)
+    for _ in range(60):
+        idx = periodic_batch(g)
+        logits = base(idx[:, :-1], logits="all")
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), idx[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    base.requires_grad_(False).eval()
+    head = DiffusionHead(base, MASK, [6])
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
+    for _ in range(40):
+        idx = periodic_batch(g)
+        cache = base.new_cache(batch_size=idx.size(0), extra=0)
+        with torch.no_grad():
+            teacher = base(idx, cache, logits="all")
+        T = idx.size(1)
+        anchors = choose_anchors(T, 6, "random", g)
+        logits = head.block_logits_for_training(base, idx, [cache.k[i, :, :, :T] for i in range(2)],
+                                                [cache.v[i, :, :, :T] for i in range(2)], anchors, 6)
+        loss, _ = head_loss(logits, teacher, idx, anchors, "kl")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return Orthrus(base.double(), head.double().eval())
+
+
+def test_greedy_equals_ar_briefly_trained(trained_orthrus):
+    model = trained_orthrus
+    g = torch.Generator().manual_seed(5)
+    total_accepted = 0
+    for row in periodic_batch(g, B=4, T=7).tolist():
+        for prompt in (row, [row[0], 20, 21]):  # on-pattern and off-pattern prompts
+            ref = ar_reference(model, prompt, 40)
+            out, stats = generate_orthrus(model, prompt, 40, draft_len=6)
+            assert out == ref
+            total_accepted += sum(stats.accepted_per_cycle)
+    assert total_accepted > 100  # the trained head really drafts: many accepted tokens were checked
+
+
+def test_multi_step_denoising_is_also_exact(trained_orthrus):
+    prompt = [1, 2, 3]
+    ref = ar_reference(trained_orthrus, prompt, 30)
+    for steps in (2, 3, 7):
+        out, stats = generate_orthrus(trained_orthrus, prompt, 30, draft_len=6, denoise_steps=steps)
+        assert out == ref
+        assert stats.forward_passes == sum(min(steps, d) + 1 for d in stats.drafted_per_cycle)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: Orthrus' output distribution equals AR sampling's
+
+
+def exact_ar_distribution(base, prompt, n_new, temperature, top_k):
+    """P(continuation) for every continuation of n_new tokens, by the chain rule over the AR
+    model's warped next-token distributions (exact enumeration in float64)."""
+    probs = {}
+    for cont in itertools.product(range(base.config.vocab_size), repeat=n_new):
+        seq = torch.tensor([prompt + list(cont)])
+        with torch.no_grad():
+            logits = base(seq, logits="all")[0, len(prompt) - 1 : -1]  # rows predicting cont
+        p = logits_to_probs(logits, temperature, top_k)
+        probs[cont] = math.prod(p[i, t].item() for i, t in enumerate(cont))
+    return probs
+
+
+def test_sampled_orthrus_matches_ar_distribution():
+    """Empirical frequencies of 3-token continuations sampled by Orthrus against the exact AR
+    distribution (temperature 0.9, top-k 3, a 4-token vocabulary: 64 outcomes).
+
+    Why the threshold is safe: with N = 1500 draws, each cell's frequency has standard error
+    sqrt(p(1-p)/N) <= 0.013. We require |freq - p| <= 5 standard errors + 1e-3 for every cell.
+    For a correct sampler, a 5-sigma deviation has probability < 6e-7 per cell (normal tail; the
+    slack covers small-p cells where the normal approximation is loose), so < 4e-5 over 64
+    cells: and the generator is seeded, so the test is deterministic anyway. A biased sampler
+    (e.g. accepting drafts without the ratio test, or a wrong residual) moves cells by several
+    percent and fails. The draft head is deliberately poor (random), so rejections, residual
+    resampling and bonus tokens all occur."""
+    torch.manual_seed(7)
+    base = GPT(GPTConfig(**{**CFG, "vocab_size": 4, "n_layer": 1, "n_embd": 16, "mlp_hidden": 16})).double().eval()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.mul_(6.0)
+    head = DiffusionHead(base, 3).double()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    model = Orthrus(base, head)
+    prompt, n_new, temperature, top_k = [0, 1, 2], 3, 0.9, 3
+    exact = exact_ar_distribution(base, prompt, n_new, temperature, top_k)
+    assert abs(sum(exact.values()) - 1) < 1e-9
+    N = 1500
+    g = torch.Generator().manual_seed(0)
+    counts, accepted = {}, 0
+    for _ in range(N):
+        out, stats = generate_orthrus(model, prompt, n_new, draft_len=3, temperature=temperature, top_k=top_k, generator=g)
+        counts[tuple(out)] = counts.get(tuple(out), 0) + 1
+        accepted += sum(stats.accepted_per_cycle)
+    assert 0 < accepted < N * (n_new - 1)  # both acceptances and rejections happened
+    for cont, p in exact.items():
+        freq = counts.get(cont, 0) / N
+        se = math.sqrt(p * (1 - p) / N)
+        assert abs(freq - p) <= 5 * se + 1e-3, (cont, freq, p)
+    assert set(counts) <= {c for c, p in exact.items() if p > 0}  # never a zero-probability continuation

@@ -1,0 +1,297 @@
+"""train.py end to end on a tiny made-up corpus (CPU, seconds): training lowers the loss, an
+interrupted run resumes bit-identically, checkpoints are plain data written atomically, the head
+stage leaves its frozen base bit-identical, and every user mistake is one `error:` line with exit
+code 2. The tiny base and head are trained once per session (helpers.tiny_run)."""
+
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train as train_script
+from common import load_checkpoint, load_model, save_checkpoint, state_sha256
+from helpers import CPU, ROOT, expect_user_error, prepare_data, single_thread, tiny_run, train
+from model import GPT, GPTConfig
+from tokenizer import ByteTokenizer, load_tokens
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    with single_thread():
+        yield tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def assert_plain(obj, where="ckpt"):
+    """Only what torch.load(weights_only=True) accepts and a reader expects: dicts, lists, str,
+    numbers, None, tensors; no `_orig_mod.` keys from a compiled module."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            assert isinstance(k, (str, int)), f"{where}: key {k!r}"
+            assert "_orig_mod." not in str(k), f"{where}: compiled-module key {k!r}"
+            assert_plain(v, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            assert_plain(v, f"{where}[{i}]")
+    else:
+        assert obj is None or isinstance(obj, (str, int, float, bool, torch.Tensor)), f"{where}: {type(obj)}"
+
+
+def assert_identical(a, b, where="ckpt"):
+    """Equal structure, and every tensor equal bit for bit (torch.equal, same dtype)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and sorted(a, key=str) == sorted(b, key=str), where
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@torch.no_grad()
+def val_loss(model, data_dir, n_windows=16, length=65):
+    """Mean next-token cross-entropy over fixed val windows (the same for every model)."""
+    val = load_tokens(os.path.join(data_dir, "val.bin"), "uint16").long()
+    starts = torch.linspace(0, val.numel() - length - 1, n_windows).long().tolist()
+    idx = torch.stack([val[s : s + length] for s in starts])
+    logits = model(idx[:, :-1], logits="all")
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), idx[:, 1:].reshape(-1)).item()
+
+
+def interrupt_at(monkeypatch, at_step):
+    """Make Ctrl-C arrive at the start of optimizer step `at_step` (0-based)."""
+    real = train_script.lr_at
+
+    def lr_at(step, cfg):
+        if step == at_step:
+            raise KeyboardInterrupt
+        return real(step, cfg)
+
+    monkeypatch.setattr(train_script, "lr_at", lr_at)
+
+
+# ---------------------------------------------------------------------------------------------
+# base stage
+
+
+def test_tiny_training_lowers_the_loss(tiny):
+    evals = [(int(s), float(v)) for s, v in re.findall(r"eval step (\d+): val loss ([\d.]+)", tiny["base_log"])]
+    assert [s for s, _ in evals] == [10, 20], tiny["base_log"]  # every eval_interval, and the final one
+    assert evals[1][1] < evals[0][1]
+    ckpt = load(tiny["base"])
+    assert ckpt["step"] == 20 and abs(ckpt["val_loss"] - evals[-1][1]) < 1e-4  # the saved model is the evaluated one
+    trained = GPT(GPTConfig(**ckpt["model_config"]))
+    trained.load_state_dict(ckpt["model"])
+    with torch.random.fork_rng():  # an untrained model of the same shape, without touching global RNG state
+        torch.manual_seed(0)
+        untrained = GPT(GPTConfig(**ckpt["model_config"]))
+    # untrained: ~ln(258) = 5.55 nats; 20 steps on this repetitive text reach ~4. 0.5 nats of margin.
+    assert val_loss(trained, tiny["data"]) < val_loss(untrained, tiny["data"]) - 0.5
+    # the fixed-field progress line (STYLE habit 14)
+    assert re.search(r"step +20/20 \| loss [\d.]+ \(ema [\d.]+\) \| lr [\d.e+-]+ \| ", tiny["base_log"])
+
+
+def test_interrupted_run_resumes_bit_identically(tiny, tmp_path, monkeypatch, capsys):
+    """The shared tiny base is the uninterrupted 20-step run. Here the same run is stopped by
+    Ctrl-C at step 13 (three steps after the step-10 checkpoint, so those steps are lost) and then
+    resumed with --resume: model, optimizer state, data RNG and step must equal the straight run's."""
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        interrupt_at(m, 13)
+        with pytest.raises(SystemExit) as exc:
+            train_script.main([str(a) for a in ["--preset", "tiny", "--data-dir", tiny["data"], "--out-dir", out, *CPU]])
+    assert exc.value.code == 130
+    assert "interrupted at step 13" in capsys.readouterr().out
+    assert load(out / "ckpt.pt")["step"] == 10
+
+    _, log = train(["--resume", "--out-dir", out, "--device", "cpu"])
+    assert "starting at step 10" in log
+    straight, resumed = load(tiny["base"]), load(out / "ckpt.pt")
+    for key in ("model", "optimizer", "data_rng", "step", "model_config", "val_loss", "tokenizer"):
+        assert_identical(straight[key], resumed[key], key)
+
+    # resuming a finished run does nothing
+    _, log = train(["--resume", "--out-dir", out, "--device", "cpu"])
+    assert "nothing to do" in log
+
+
+def test_checkpoints_are_plain_data(tiny):
+    for path, kind in ((tiny["base"], "orthrus-base"), (tiny["head"], "orthrus")):
+        ckpt = load(path)  # weights_only=True: no pickled code
+        assert ckpt["kind"] == kind
+        assert_plain(ckpt)
+        assert not [f for f in os.listdir(os.path.dirname(path)) if f.endswith(".tmp")]  # no temp file left behind
+
+
+def test_crash_during_save_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    shutil.copy(tiny["base"], path)
+    before = load_checkpoint(path)
+    real_save = torch.save
+
+    def half_then_crash(obj, f, *args, **kwargs):  # writes half the file, then the disk is full
+        buf = io.BytesIO()
+        real_save(obj, buf, *args, **kwargs)
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", half_then_crash)
+        with pytest.raises(OSError):
+            save_checkpoint({**before, "step": 999}, path)
+    after = load_checkpoint(path)
+    assert after["step"] == before["step"]
+    assert_identical(before["model"], after["model"])
+    # the next save succeeds, replaces the file and leaves no temp file
+    save_checkpoint({**before, "step": 21}, path)
+    assert load_checkpoint(path)["step"] == 21
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+BASE_ERRORS = [
+    (["--data-dir", "{tmp}/missing"], "data/prepare.py"),
+    (["--n-head", "4", "--n-kv-head", "3"], "must divide n_head"),
+    (["--preset", "huge"], "unknown --preset 'huge'"),
+    (["--stage", "middle"], "unknown --stage"),
+    (["--seq-len", "100"], "exceeds the model's --context-len 64"),
+    (["--max-steps", "0"], "--max-steps must be >= 1"),
+    (["--resume"], "not found"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BASE_ERRORS, ids=[m for _, m in BASE_ERRORS])
+def test_base_stage_bad_input(tiny, tmp_path, capsys, flags, message):
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    argv = ["--preset", "tiny", "--data-dir", tiny["data"], "--out-dir", tmp_path / "out", *CPU, *flags]
+    if "--preset" in flags:
+        argv = argv[2:]
+    assert message in expect_user_error(train_script.main, argv, capsys)
+
+
+def test_command_line_error_has_no_traceback(tmp_path):
+    """The real `python train.py` (run_cli in __main__), not only main() in-process."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--preset", "tiny", "--data-dir",
+                        str(tmp_path / "missing"), "--out-dir", str(tmp_path / "out"), "--device", "cpu"],
+                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "data/prepare.py" in lines[0], r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# head stage
+
+
+def test_head_stage_leaves_the_base_bit_identical(tiny):
+    base, head = load(tiny["base"]), load(tiny["head"])
+    assert head["step"] == 10 and head["base_ckpt"] == tiny["base"]
+    assert_identical(base["model"], head["model"], "model")
+    assert head["model_config"] == base["model_config"] and head["tokenizer"] == base["tokenizer"]
+    assert head["base_sha256"] == state_sha256(base["model"])
+    assert not any(k.startswith("embed_tokens") or k.startswith("lm_head") for k in head["head"])  # shared, not copied
+    _, loaded = load_model(head)
+    assert loaded is not None and loaded.head_config()["trained_draft_lens"] == [4, 6]
+    evals = re.findall(r"eval step (\d+): K=(\d+) val kl ([\d.]+)", tiny["head_log"])
+    assert [(s, k) for s, k, _ in evals] == [("5", "4"), ("5", "6"), ("10", "4"), ("10", "6")], tiny["head_log"]
+
+
+def test_head_resumes_bit_identically(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "head"
+    argv = ["--stage", "head", "--preset", "tiny", "--data-dir", tiny["data"], "--base-ckpt", tiny["base"],
+            "--out-dir", out, *CPU]
+    with monkeypatch.context() as m:
+        interrupt_at(m, 7)
+        with pytest.raises(SystemExit):
+            train(argv)
+    assert load(out / "ckpt.pt")["step"] == 5
+    train(["--resume", "--out-dir", out, "--device", "cpu"])
+    straight, resumed = load(tiny["head"]), load(out / "ckpt.pt")
+    for key in ("head", "model", "optimizer", "data_rng", "step", "base_sha256", "head_config"):
+        assert_identical(straight[key], resumed[key], key)
+
+
+def test_head_on_self_generated_data(tiny, tmp_path):
+    out = tmp_path / "self"
+    _, log = train(["--stage", "head", "--preset", "tiny", "--data-dir", tiny["data"], "--base-ckpt", tiny["base"],
+                    "--out-dir", out, "--teacher-data", "self", "--self-data-tokens", 256, "--max-steps", 2, *CPU])
+    assert "self data: 4/4 rows" in log
+    rows = load(out / "self_data.pt")
+    assert rows.shape == (4, 64) and rows.dtype == torch.long  # 256 tokens // seq_len 64
+    assert 0 <= int(rows.min()) and int(rows.max()) < 258
+    corpus = ByteTokenizer().decode(load_tokens(os.path.join(tiny["data"], "train.bin"), "uint16").long())
+    for row in rows:  # each row continues a 32-token prompt taken from the training text
+        assert ByteTokenizer().decode(row[:32]) in corpus
+    assert load(out / "ckpt.pt")["step"] == 2
+
+
+def _replaced_base_resume(tiny, tmp_path):
+    """An unfinished head run whose base file was later overwritten by a different model."""
+    base_copy = tmp_path / "base.pt"
+    shutil.copy(tiny["base"], base_copy)
+    head = load(tiny["head"])
+    head.update(step=5, base_ckpt=str(base_copy))
+    save_checkpoint(head, str(tmp_path / "head" / "ckpt.pt"))
+    other = load(base_copy)
+    other["model"]["norm.weight"] = other["model"]["norm.weight"] + 1.0
+    save_checkpoint(other, str(base_copy))
+    return ["--resume", "--out-dir", tmp_path / "head", "--device", "cpu"]
+
+
+HEAD_ERRORS = [
+    ("missing_base", "needs --base-ckpt PATH"),
+    ("nonexistent_base", "not found"),
+    ("sentencepiece_data", "tokenized with sentencepiece"),
+    ("draft_lens_1", "--draft-lens needs lengths >= 2"),
+    ("draft_lens_junk", "comma list of integers"),
+    ("draft_len_too_long", "too long for training sequences of 64"),
+    ("teacher_data_typo", "unknown --teacher-data"),
+    ("replaced_base", "sha256 differs"),
+]
+
+
+@pytest.mark.parametrize("case,message", HEAD_ERRORS, ids=[c for c, _ in HEAD_ERRORS])
+def test_head_stage_bad_input(tiny, tmp_path, capsys, case, message):
+    argv = ["--stage", "head", "--preset", "tiny", "--data-dir", tiny["data"], "--base-ckpt", tiny["base"],
+            "--out-dir", tmp_path / "head", *CPU]
+    if case == "missing_base":
+        argv = argv[:6] + argv[8:]
+    elif case == "nonexistent_base":
+        argv[7] = tmp_path / "nope.pt"
+    elif case == "sentencepiece_data":
+        argv[5] = prepare_data(tiny["text"], tmp_path / "sp", "--tokenizer", "sentencepiece", "--vocab-size", 300)
+    elif case == "draft_lens_1":
+        argv += ["--draft-lens", "1"]
+    elif case == "draft_lens_junk":
+        argv += ["--draft-lens", "4,x"]
+    elif case == "draft_len_too_long":
+        argv += ["--draft-lens", "4,33"]
+    elif case == "teacher_data_typo":
+        argv += ["--teacher-data", "selff"]
+    elif case == "replaced_base":
+        argv = _replaced_base_resume(tiny, tmp_path)
+    assert message in expect_user_error(train_script.main, argv, capsys)
