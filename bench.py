@@ -13,24 +13,22 @@ Definitions used in every table:
                   costs measured in this run: the speedup the method can reach here
 """
 
-import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from common import UserError, load_checkpoint, load_ckpt_tokenizer, load_model, pick_device, run_cli
+from common import ArgumentParser, UserError, load_checkpoint, load_ckpt_tokenizer, load_model, pick_device, run_cli
 from model import GPT, GPTConfig
 from orthrus import Orthrus, generate, generate_orthrus, transient_draft_bytes
 from tokenizer import load_tokens
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--suite", default="orthrus", choices=["ar", "orthrus"], help="which benchmark to run")
     p.add_argument("--ckpt", default="", help="checkpoint (orthrus suite: base+head; ar suite: optional, else a fresh CPU-preset model)")
     p.add_argument("--data-dir", default="", help="prepared data whose val split gives the prompts (default: the checkpoint's)")

@@ -4,6 +4,7 @@ writes, `weights_only` loads, clear errors), flags generated from config datacla
 one-line error reporting of the command-line tools.
 """
 
+import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -29,6 +30,17 @@ def run_cli(main, argv=None):
     except (ValueError, OSError) as e:  # OSError: missing/unreadable files, bad folders, no network
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is the same one-line `error: ...` (exit 2) as every other mistake,
+    not the usage block. `--help` still prints everything."""
+
+    def __init__(self, description=None, **kwargs):
+        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +107,8 @@ def add_dataclass_flags(parser, cls, skip=()):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "") + " (default: %(default)s)"
+        # the flag's own default is None ("not given", so presets can fill it); show the real one
+        help_text = f.metadata.get("help", "") + f" (default: {f.default})".replace("%", "%%")
         if f.type in (bool, "bool"):
             parser.add_argument(flag, type=_parse_bool, default=None, metavar="BOOL", help=help_text)
         else:

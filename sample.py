@@ -9,19 +9,17 @@ Generate text from a checkpoint, with plain AR decoding or with Orthrus, and com
 Temperature 0 (the default) is greedy: Orthrus then returns exactly the AR model's text.
 """
 
-import argparse
 import os
 import sys
-import time
 
 import torch
 
-from common import UserError, load_checkpoint, load_ckpt_tokenizer, load_model, pick_device, run_cli
+from common import ArgumentParser, UserError, load_checkpoint, load_ckpt_tokenizer, load_model, pick_device, run_cli
 from orthrus import Orthrus, check_decode_args, generate, generate_orthrus, transient_draft_bytes
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--ckpt", required=True, help="checkpoint from train.py (base, or base+head)")
     p.add_argument("--prompt", default=None, help="prompt text (default: a newline)")
     p.add_argument("--prompt-file", default=None, help="read the prompt from this file instead")
@@ -102,7 +100,7 @@ def read_prompt(args):
     return "\n" if args.prompt is None else args.prompt
 
 
-def describe(stats, seconds=None):
+def describe(stats):
     line = (f"{stats.method}: {stats.new_tokens} tokens in {stats.prefill_seconds + stats.decode_seconds:.2f}s "
             f"= {stats.tokens_per_second:.1f} tok/s (prefill {1000 * stats.prefill_seconds:.1f} ms)")
     if stats.method == "orthrus":

@@ -18,7 +18,6 @@ Every field of TrainConfig and GPTConfig is a flag (`python train.py --help`); a
 several at once and explicit flags override it.
 """
 
-import argparse
 import dataclasses
 import json
 import math
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from common import (UserError, add_dataclass_flags, autocast, build_base, clean_state_dict, dataclass_from,
+from common import (ArgumentParser, UserError, add_dataclass_flags, autocast, build_base, clean_state_dict, dataclass_from,
                     load_checkpoint, pick_autocast_dtype, pick_device, run_cli, save_checkpoint, state_sha256,
                     tokenizer_model_tensor)
 from diffusion_head import DiffusionHead, choose_anchors, expected_tokens_per_cycle, head_loss
@@ -49,7 +48,7 @@ class TrainConfig:
     base_ckpt: str = _f("", "head stage: the base checkpoint to freeze and distil from")
     device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
     dtype: str = _f("auto", "autocast dtype: auto (bf16 where native), float32 or bfloat16")
-    compile: bool = _f(False, "torch.compile the training forward")
+    compile: bool = _f(False, "base stage: torch.compile the training forward")
     seed: int = _f(1337, "seeds the model init and the data/anchor sampler")
     max_steps: int = _f(1000, "optimizer steps")
     batch_size: int = _f(8, "sequences per micro-batch")
@@ -84,7 +83,7 @@ PRESETS = {
         # ~4.8M parameters, byte-level: ~10 minutes on 2 CPU cores (fp32)
         "cpu": dict(n_layer=6, n_embd=256, n_head=8, n_kv_head=4, head_dim=32, mlp_hidden=768, context_len=512,
                     batch_size=4, max_steps=450, lr=2e-3, warmup_steps=30, eval_interval=150, ckpt_interval=50),
-        # ~85M parameters for one GPU (bf16 + compile)
+        # ~76M parameters for one GPU (bf16 + compile)
         "gpu": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=4, head_dim=64, mlp_hidden=2048, context_len=1024,
                     batch_size=32, grad_accum=2, max_steps=5000, lr=6e-4, warmup_steps=200, compile=True,
                     eval_interval=500, ckpt_interval=500),
@@ -94,8 +93,9 @@ PRESETS = {
                      ckpt_interval=10, log_interval=5),
     },
     "head": {
-        "cpu": dict(batch_size=4, max_steps=600, lr=1e-3, warmup_steps=30, weight_decay=0.0, eval_interval=200,
-                    ckpt_interval=100, eval_batches=4),
+        # ~10 minutes on 2 CPU cores for the CPU base preset's model
+        "cpu": dict(batch_size=2, max_steps=300, lr=1e-3, warmup_steps=20, weight_decay=0.0, eval_interval=100,
+                    ckpt_interval=50, eval_batches=2),
         "gpu": dict(batch_size=16, max_steps=4000, lr=2e-4, warmup_steps=200, weight_decay=0.0, compile=False,
                     eval_interval=500, ckpt_interval=500),
         "tiny": dict(batch_size=2, max_steps=10, lr=3e-3, warmup_steps=2, weight_decay=0.0, eval_interval=5,
@@ -172,7 +172,7 @@ def train_loop(cfg, trainable, optimizer, step_loss, evaluate, save, start_step,
     evaluate(step) prints val figures; save(step) writes the checkpoint (atomically). One extra
     evaluation and save always happen at the end. Returns the last training loss."""
     params = [p for p in trainable.parameters() if p.requires_grad]
-    t_start, timed_steps, loss_ema, last = None, 0, None, float("nan")
+    window_start, window_steps, loss_ema, last = None, 0, None, float("nan")
     step = start_step
     try:
         for step in range(start_step, cfg.max_steps):
@@ -192,15 +192,16 @@ def train_loop(cfg, trainable, optimizer, step_loss, evaluate, save, start_step,
             loss_ema = total if loss_ema is None else 0.9 * loss_ema + 0.1 * total
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            # throughput and ETA exclude the first steps (compilation, allocator warm-up)
-            if step - start_step == 2:
-                t_start = time.time()
-            elif step - start_step > 2:
-                timed_steps += 1
             done = step + 1
+            # speed over the steps since the last progress line (the first two steps, with
+            # compilation and allocator warm-up, are left out); evals and saves are not counted
+            if done - start_step == 2:
+                window_start, window_steps = time.time(), 0
+            elif window_start is not None:
+                window_steps += 1
             if done % cfg.log_interval == 0 or done == cfg.max_steps:
-                if timed_steps > 0:
-                    per_step = (time.time() - t_start) / timed_steps
+                if window_steps > 0:
+                    per_step = (time.time() - window_start) / window_steps
                     speed = f"{tokens_per_step / per_step:,.0f} tok/s | ETA {fmt_time(per_step * (cfg.max_steps - done))}"
                 else:
                     speed = "warming up"
@@ -210,6 +211,8 @@ def train_loop(cfg, trainable, optimizer, step_loss, evaluate, save, start_step,
                 evaluate(done)
             if done % cfg.ckpt_interval == 0 and done != cfg.max_steps:
                 save(done)
+            if window_start is not None and done % cfg.log_interval == 0:
+                window_start, window_steps = time.time(), 0
     except KeyboardInterrupt:
         print(f"\ninterrupted at step {step}; the checkpoint on disk is intact (resume with --resume)")
         raise SystemExit(130)
@@ -351,6 +354,14 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
                         f"(vocab {data.meta['vocab_size']}) but the base uses {base_ckpt['tokenizer']['kind']} "
                         f"(vocab {base.config.vocab_size}); prepare the data with the base's tokenizer")
     seq_len = cfg.seq_len or base.config.context_len
+    if seq_len > base.config.context_len:
+        raise UserError(f"--seq-len {seq_len} exceeds the base model's context length {base.config.context_len}")
+    if cfg.loss not in ("kl", "ce"):
+        raise UserError(f"unknown --loss {cfg.loss!r}: use 'kl' or 'ce'")
+    if cfg.anchors not in ("random", "aligned"):
+        raise UserError(f"unknown --anchors {cfg.anchors!r}: use 'random' or 'aligned'")
+    if cfg.teacher_data not in ("corpus", "self"):
+        raise UserError(f"unknown --teacher-data {cfg.teacher_data!r}: use 'corpus' or 'self'")
     draft_lens = parse_draft_lens(cfg.draft_lens)
     if draft_lens[-1] > seq_len // 2:
         raise UserError(f"draft length {draft_lens[-1]} is too long for training sequences of {seq_len} tokens")
@@ -382,8 +393,6 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
                                     sampler_gen).cpu()
             save_checkpoint(rows, rows_path)
         source = RowData(rows)
-    elif cfg.teacher_data != "corpus":
-        raise UserError(f"unknown --teacher-data {cfg.teacher_data!r}: use 'corpus' or 'self'")
 
     def block_loss(idx, K, anchors):
         with autocast(device, amp):
@@ -448,7 +457,7 @@ def ckpt_path(cfg: TrainConfig) -> str:
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--preset", default=None, help="named flag bundle: cpu, gpu or tiny (per stage; see PRESETS)")
     p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out-dir exactly")
     add_dataclass_flags(p, TrainConfig)
