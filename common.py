@@ -184,7 +184,11 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
 def build_base(ckpt: dict, device="cpu", dtype=None) -> GPT:
     """The frozen-or-not base GPT stored in a checkpoint, loaded strictly."""
     model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"], strict=True)
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise UserError(f"the checkpoint's weights do not fit its own model_config ({str(e).splitlines()[0][:150]}); "
+                        "the file is damaged or was edited") from None
     model.to(device=device, dtype=dtype or torch.float32)
     return model
 
@@ -213,6 +217,10 @@ def load_model(ckpt: dict, device="cpu", dtype=torch.float32):
     if ckpt["kind"] != "orthrus":
         return base, None
     head_cfg = ckpt["head_config"]
+    if state_sha256(ckpt["model"]) != ckpt["base_sha256"]:
+        raise UserError("the base weights in this checkpoint are not the ones its head was trained on "
+                        f"(sha256 differs from {ckpt['base_sha256'][:12]}...); retrain the head on this base "
+                        "with `python train.py --stage head --base-ckpt ...`")
     if not 0 <= head_cfg["mask_id"] < base.config.vocab_size:
         raise UserError(f"the head's MASK id {head_cfg['mask_id']} is outside the base vocabulary "
                         f"({base.config.vocab_size}): head and base do not belong together")

@@ -45,24 +45,32 @@ class Orthrus(nn.Module):
     @torch.no_grad()
     def draft(self, cache, pending: int, draft_len: int, temperature: float = 0.0, top_k: int = 0,
               top_p: float = 1.0, generator=None, denoise_steps: int = 1):
-        """Draft K-1 tokens after the pending token in `denoise_steps` passes of the diffusion view.
+        """Draft K-1 tokens after the pending token with the diffusion view.
 
         Returns (drafts (K-1,) long, p_draft (K-1, V) or None when greedy): p_draft row j is the
         exact distribution d_{j+1} was sampled from, as speculative sampling requires.
+        One step (the paper's choice): every MASK is filled from ONE pass."""
+        K = draft_len
+        block = torch.full((1, K), self.head.mask_id, dtype=torch.long, device=cache.k.device)
+        block[0, 0] = pending  # [x_s, MASK x (K-1)]
+        if denoise_steps > 1:
+            return self._draft_several_steps(cache, block, temperature, top_k, top_p, generator, denoise_steps)
+        logits = self.head.draft_logits(self.base, cache, block)[0, : K - 1]  # row j drafts block index j+1
+        if temperature == 0:
+            return greedy(logits), None
+        p_draft = logits_to_probs(logits, temperature, top_k, top_p)
+        return sample_from(p_draft, generator), p_draft
 
-        One step (the default and the paper's choice): every MASK is filled from one pass.
-        Several steps (the paper's ablation): each pass fixes the still-masked positions the head
-        is most confident about, ceil(remaining / steps_left) of them, and the next pass sees them
-        as ordinary tokens."""
-        K, device = draft_len, cache.k.device
-        block = torch.full((1, K), self.head.mask_id, dtype=torch.long, device=device)
-        block[0, 0] = pending
-        sampling = temperature > 0
-        drafts = torch.zeros(K - 1, dtype=torch.long, device=device)
+    def _draft_several_steps(self, cache, block, temperature, top_k, top_p, generator, denoise_steps):
+        """The paper's multi-step ablation: each pass fixes the still-masked positions the head is
+        most confident about, ceil(remaining / steps_left) of them; the next pass sees them as
+        ordinary tokens. A token's p_draft row is the distribution it was drawn from, in its pass."""
+        K, sampling = block.size(1), temperature > 0
+        drafts = torch.zeros(K - 1, dtype=torch.long, device=block.device)
         p_draft = None
-        still_masked = torch.ones(K - 1, dtype=torch.bool, device=device)  # over block indices 1..K-1
+        still_masked = torch.ones(K - 1, dtype=torch.bool, device=block.device)  # over block indices 1..K-1
         for step in range(denoise_steps):
-            logits = self.head.draft_logits(self.base, cache, block)[0, : K - 1]  # row j drafts block index j+1
+            logits = self.head.draft_logits(self.base, cache, block)[0, : K - 1]
             if sampling:
                 probs = logits_to_probs(logits, temperature, top_k, top_p)
                 tokens = sample_from(probs, generator)
@@ -70,7 +78,7 @@ class Orthrus(nn.Module):
                 probs, tokens = None, greedy(logits)
             steps_left = denoise_steps - step
             if steps_left == 1:
-                chosen = still_masked
+                chosen = still_masked.clone()
             else:  # confidence-ordered unmasking
                 confidence = (probs if sampling else torch.softmax(logits, -1)).max(-1).values
                 confidence = confidence.masked_fill(~still_masked, -1.0)

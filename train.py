@@ -162,6 +162,17 @@ def make_optimizer(module: torch.nn.Module, cfg: TrainConfig, device):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
+def restore(ckpt, key: str, module, optimizer, generator) -> int:
+    """Load a resumed run's trained weights (ckpt[key]), optimizer and data-sampler state; return
+    the step to continue from (0 for a fresh run)."""
+    if ckpt is None:
+        return 0
+    module.load_state_dict(ckpt[key])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    generator.set_state(ckpt["data_rng"])
+    return ckpt["step"]
+
+
 def fmt_time(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -238,12 +249,7 @@ def train_base(cfg: TrainConfig, model_cfg: GPTConfig, resume_ckpt=None):
     model = GPT(model_cfg).to(device)
     optimizer = make_optimizer(model, cfg, device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    start = 0
-    if resume_ckpt is not None:
-        model.load_state_dict(resume_ckpt["model"])
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        gen.set_state(resume_ckpt["data_rng"])
-        start = resume_ckpt["step"]
+    start = restore(resume_ckpt, "model", model, optimizer, gen)
     print(f"base model: {model.num_params() / 1e6:.2f}M parameters, {json.dumps(dataclasses.asdict(model_cfg))}")
     print(f"data: {data.train.numel():,} train / {data.val.numel():,} val tokens; {cfg.max_steps} steps of "
           f"{cfg.batch_size}x{cfg.grad_accum}x{seq_len} tokens; starting at step {start}")
@@ -369,12 +375,7 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
     head = DiffusionHead(base, base_ckpt["tokenizer"]["mask_id"], draft_lens).to(device)
     optimizer = make_optimizer(head, cfg, device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    start = 0
-    if resume_ckpt is not None:
-        head.load_state_dict(resume_ckpt["head"])
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        gen.set_state(resume_ckpt["data_rng"])
-        start = resume_ckpt["step"]
+    start = restore(resume_ckpt, "head", head, optimizer, gen)
     n_head, n_base = sum(p.numel() for p in head.parameters()), base.num_params()
     print(f"head: {n_head / 1e6:.2f}M trainable parameters = {100 * n_head / (n_head + n_base):.1f}% of base+head "
           f"({n_base / 1e6:.2f}M frozen); draft lengths {draft_lens}, anchors {cfg.anchors}, loss {cfg.loss}")

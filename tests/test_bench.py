@@ -6,12 +6,9 @@ import json
 import pytest
 
 import bench
-from helpers import expect_user_error, tiny_run
+from helpers import expect_user_error
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_run(tmp_path_factory)
 
 
 def test_orthrus_suite_tables_and_json(tiny, tmp_path, capsys):

@@ -11,21 +11,11 @@ import pytest
 import torch
 
 import sample
-from helpers import ROOT, expect_user_error, single_thread, tiny_run
+from helpers import ROOT, expect_user_error
 
 CONTEXT = 64  # context_len of the tiny preset
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    with single_thread():
-        yield tiny_run(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 def run(capsys, *argv):
@@ -135,8 +125,22 @@ def test_command_line_error_has_no_traceback(tmp_path):
 # bad input: one line, exit code 2
 
 
-def _bad_checkpoints(tmp_path):
+def _bad_checkpoints(tmp_path, head_ckpt=None):
     (tmp_path / "random.pt").write_bytes(os.urandom(1000))
+    if head_ckpt is not None:
+        from common import state_sha256
+
+        # the head travels with a base that is not the one it was trained on (hash mismatch)
+        ck = torch.load(head_ckpt, weights_only=True)
+        ck["model"] = {k: v + 1e-3 for k, v in ck["model"].items()}
+        torch.save(ck, tmp_path / "wrong_base.pt")
+        # a base with a different (smaller) vocabulary, consistently hashed: the head's MASK id no longer exists
+        ck = torch.load(head_ckpt, weights_only=True)
+        ck["model"]["embed_tokens.weight"] = ck["model"]["embed_tokens.weight"][:200].clone()
+        ck["model"]["lm_head.weight"] = ck["model"]["embed_tokens.weight"]  # tied
+        ck["model_config"]["vocab_size"] = 200
+        ck["base_sha256"] = state_sha256(ck["model"])
+        torch.save(ck, tmp_path / "other_vocab.pt")
     torch.save({"model": {"w": torch.zeros(2)}, "step": 3}, tmp_path / "foreign.pt")
     (tmp_path / "folder").mkdir()
 
@@ -147,6 +151,8 @@ SAMPLE_ERRORS = [
     ("folder_as_ckpt", "folder", [], "is a folder"),
     ("random_bytes", "random.pt", [], "is not a readable orthrus checkpoint"),
     ("dict_without_kind", "foreign.pt", [], "is not an orthrus checkpoint"),
+    ("head_with_wrong_base", "wrong_base.pt", [], "not the ones its head was trained on"),
+    ("head_with_other_vocab", "other_vocab.pt", [], "outside the base vocabulary"),
     ("empty_prompt", "head", ["--prompt", ""], "the prompt encodes to zero tokens"),
     ("long_prompt_ar", "head", ["--mode", "ar", "--prompt", "x" * 100], "the prompt is 100 tokens but the context holds 64"),
     ("lone_surrogate", "head", ["--prompt", "def \udc80"], "cannot encode character '\\udc80'"),
@@ -166,12 +172,19 @@ SAMPLE_ERRORS = [
 
 @pytest.mark.parametrize("ckpt,flags,message", [e[1:] for e in SAMPLE_ERRORS], ids=[e[0] for e in SAMPLE_ERRORS])
 def test_bad_input(tiny, tmp_path, capsys, ckpt, flags, message):
-    _bad_checkpoints(tmp_path)
+    _bad_checkpoints(tmp_path, tiny["head"])
     ckpt = tiny.get(ckpt) or str(tmp_path / ckpt)
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
     line = expect_user_error(sample.main, ["--device", "cpu", "--ckpt", ckpt, "--max-new-tokens", 4,
                                            "--draft-len", 6, *flags], capsys)
     assert message in line
+
+
+def test_draft_len_beyond_training_is_allowed_with_a_warning(tiny, capsys):
+    sample.main(["--device", "cpu", "--ckpt", tiny["head"], "--prompt", "def ", "--max-new-tokens", "8",
+                 "--draft-len", "9"])  # the tiny head was trained with K in {4, 6}
+    err = capsys.readouterr().err
+    assert "warning: --draft-len 9 is longer than the head was trained for (max 6)" in err
 
 
 def test_too_long_prompt_in_orthrus_mode_blames_the_prompt(tiny, capsys):

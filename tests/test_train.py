@@ -21,16 +21,6 @@ from model import GPT, GPTConfig
 from tokenizer import ByteTokenizer, load_tokens
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    with single_thread():
-        yield tiny_run(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 # ---------------------------------------------------------------------------------------------
