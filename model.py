@@ -182,18 +182,17 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, mask=None):
         """AR attention over T new tokens. Without a cache: plain causal self-attention. With a cache
         holding n_past positions: write the new K/V at [n_past, n_past + T) and attend to all
-        n_past + T keys through the offset causal mask."""
+        n_past + T keys through `mask`, the offset causal mask (None when T == 1: a single new
+        token sees everything)."""
         B, T, _ = x.shape
         q, k, v = self.project(x, cos, sin)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            n_past = cache.length
             k, v = cache.write(layer, k, v)  # (B, n_kv_head, n_past + T, head_dim), views
-            mask = None if T == 1 else offset_causal_mask(n_past, T, device=x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, n_head * head_dim)
         return self.o_proj(y)
@@ -220,8 +219,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin, cache=None, layer=0, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask)
         return self.feed_forward(x)
 
     def feed_forward(self, x):
@@ -286,8 +285,9 @@ class GPT(nn.Module):
         n_past = 0 if cache is None else cache.length
         x = self.embed_tokens(idx)  # (B, T, n_embd)
         cos, sin = self.rope(n_past, n_past + T, x)
+        mask = offset_causal_mask(n_past, T, device=idx.device) if cache is not None and T > 1 else None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i)
+            x = layer(x, cos, sin, cache, i, mask)
         if cache is not None:
             cache.length += T  # the one place the cache advances
         if logits == "last":
