@@ -34,24 +34,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def _field(default, help: str):
+def config_field(default, help: str):
     """A dataclass field that carries its help text (train.py turns each field into a flag)."""
     return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = _field(258, "token ids 0..vocab_size-1, special ids included (byte tokenizer: 256 + 2)")
-    context_len: int = _field(512, "longest sequence (prompt + generated tokens) the model handles")
-    n_layer: int = _field(6, "number of transformer blocks")
-    n_embd: int = _field(256, "width of the residual stream (Qwen3 hidden_size)")
-    n_head: int = _field(8, "query heads")
-    n_kv_head: int = _field(4, "key/value heads (grouped-query attention); must divide n_head")
-    head_dim: int = _field(32, "per-head width; n_head * head_dim need not equal n_embd, as in Qwen3")
-    mlp_hidden: int = _field(768, "SwiGLU inner width (Qwen3 intermediate_size)")
-    rope_theta: float = _field(10000.0, "RoPE base frequency")
-    rms_norm_eps: float = _field(1e-6, "epsilon of every RMSNorm")
-    tie_embeddings: bool = _field(True, "LM head shares the token-embedding matrix")
+    vocab_size: int = config_field(258, "token ids 0..vocab_size-1, special ids included (byte tokenizer: 256 + 2)")
+    context_len: int = config_field(512, "longest sequence (prompt + generated tokens) the model handles")
+    n_layer: int = config_field(6, "number of transformer blocks")
+    n_embd: int = config_field(256, "width of the residual stream (Qwen3 hidden_size)")
+    n_head: int = config_field(8, "query heads")
+    n_kv_head: int = config_field(4, "key/value heads (grouped-query attention); must divide n_head")
+    head_dim: int = config_field(32, "per-head width; n_head * head_dim need not equal n_embd, as in Qwen3")
+    mlp_hidden: int = config_field(768, "SwiGLU inner width (Qwen3 intermediate_size)")
+    rope_theta: float = config_field(10000.0, "RoPE base frequency")
+    rms_norm_eps: float = config_field(1e-6, "epsilon of every RMSNorm")
+    tie_embeddings: bool = config_field(True, "LM head shares the token-embedding matrix")
 
     def __post_init__(self):
         for name in ("vocab_size", "context_len", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "mlp_hidden"):

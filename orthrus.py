@@ -207,8 +207,8 @@ def generate(model: GPT, prompt: list, max_new_tokens: int, temperature: float =
     stats = DecodeStats("ar" if use_cache else "ar-nocache", len(prompt))
     out = _Committer(stats, cfg.context_len, max_new_tokens, eos_id, on_tokens)
     seq = torch.tensor([prompt], dtype=torch.long, device=device)
-    cache = model.new_cache(extra=0) if use_cache else None
     t0 = time.perf_counter()
+    cache = model.new_cache(extra=0) if use_cache else None
     logits = model(seq, cache, logits="last")[0, -1]
     token = _choose(logits, temperature, top_k, top_p, generator)
     _sync(device)

@@ -23,7 +23,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,49 +32,45 @@ from common import (ArgumentParser, UserError, add_dataclass_flags, autocast, bu
                     load_checkpoint, pick_autocast_dtype, pick_device, run_cli, save_checkpoint, state_sha256,
                     tokenizer_model_tensor)
 from diffusion_head import DiffusionHead, choose_anchors, expected_tokens_per_cycle, head_loss
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, config_field
 from tokenizer import load_tokens
-
-
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
-    stage: str = _f("base", "'base' (pre-train the GPT) or 'head' (train the diffusion head of a frozen base)")
-    data_dir: str = _f("data/stdlib", "folder written by data/prepare.py (train.bin, val.bin, meta.json)")
-    out_dir: str = _f("", "where ckpt.pt goes (default: out/base or out/head)")
-    base_ckpt: str = _f("", "head stage: the base checkpoint to freeze and distil from")
-    device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
-    dtype: str = _f("auto", "autocast dtype: auto (bf16 where native), float32 or bfloat16")
-    compile: bool = _f(False, "base stage: torch.compile the training forward")
-    seed: int = _f(1337, "seeds the model init and the data/anchor sampler")
-    max_steps: int = _f(1000, "optimizer steps")
-    batch_size: int = _f(8, "sequences per micro-batch")
-    grad_accum: int = _f(1, "micro-batches per optimizer step")
-    seq_len: int = _f(0, "training sequence length (0 = the model's context_len)")
-    lr: float = _f(1e-3, "peak learning rate")
-    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr (cosine decay)")
-    warmup_steps: int = _f(50, "linear warm-up steps")
-    weight_decay: float = _f(0.1, "AdamW weight decay, applied to matrices only (not norms)")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.95, "AdamW beta2")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
-    eval_interval: int = _f(200, "evaluate on val every N steps (and at the end)")
-    eval_batches: int = _f(8, "val micro-batches per evaluation (the same windows every time)")
-    ckpt_interval: int = _f(200, "write the checkpoint every N steps (and at the end)")
-    log_interval: int = _f(10, "print the progress line every N steps")
+    stage: str = config_field("base", "'base' (pre-train the GPT) or 'head' (train the diffusion head of a frozen base)")
+    data_dir: str = config_field("data/stdlib", "folder written by data/prepare.py (train.bin, val.bin, meta.json)")
+    out_dir: str = config_field("", "where ckpt.pt goes (default: out/base or out/head)")
+    base_ckpt: str = config_field("", "head stage: the base checkpoint to freeze and distil from")
+    device: str = config_field("auto", "auto, cpu, cuda, cuda:N or mps")
+    dtype: str = config_field("auto", "autocast dtype: auto (bf16 where native), float32 or bfloat16")
+    compile: bool = config_field(False, "base stage: torch.compile the training forward")
+    seed: int = config_field(1337, "seeds the model init and the data/anchor sampler")
+    max_steps: int = config_field(1000, "optimizer steps")
+    batch_size: int = config_field(8, "sequences per micro-batch")
+    grad_accum: int = config_field(1, "micro-batches per optimizer step")
+    seq_len: int = config_field(0, "training sequence length (0 = the model's context_len)")
+    lr: float = config_field(1e-3, "peak learning rate")
+    min_lr_ratio: float = config_field(0.1, "final learning rate as a fraction of lr (cosine decay)")
+    warmup_steps: int = config_field(50, "linear warm-up steps")
+    weight_decay: float = config_field(0.1, "AdamW weight decay, applied to matrices only (not norms)")
+    beta1: float = config_field(0.9, "AdamW beta1")
+    beta2: float = config_field(0.95, "AdamW beta2")
+    grad_clip: float = config_field(1.0, "clip the global gradient norm to this (0 = off)")
+    eval_interval: int = config_field(200, "evaluate on val every N steps (and at the end)")
+    eval_batches: int = config_field(8, "val micro-batches per evaluation (the same windows every time)")
+    ckpt_interval: int = config_field(200, "write the checkpoint every N steps (and at the end)")
+    log_interval: int = config_field(10, "print the progress line every N steps")
     # head stage only
-    draft_lens: str = _f("8,16,32", "head: draft block lengths K to train, one drawn per step (comma list)")
-    anchors: str = _f("random", "head: anchor placement, 'random' (2T/K distinct positions) or 'aligned' (every K)")
-    anchors_per_seq: int = _f(0, "head: random anchors per sequence (0 = 2T/K)")
-    loss: str = _f("kl", "head: 'kl' (distil the base's distribution) or 'ce' (data labels; ablation)")
-    teacher_data: str = _f("corpus", "head: 'corpus' (training text) or 'self' (text sampled from the base itself)")
-    self_data_tokens: int = _f(1_000_000, "head, --teacher-data self: tokens to generate")
-    self_temperature: float = _f(0.8, "head, --teacher-data self: sampling temperature (greedy text of small models loops)")
-    self_top_k: int = _f(0, "head, --teacher-data self: top-k for sampling (0 = off)")
-    self_prompt_len: int = _f(32, "head, --teacher-data self: corpus tokens that prompt each generated row")
+    draft_lens: str = config_field("8,16,32", "head: draft block lengths K to train, one drawn per step (comma list)")
+    anchors: str = config_field("random", "head: anchor placement, 'random' (2T/K distinct positions) or 'aligned' (every K)")
+    anchors_per_seq: int = config_field(0, "head: random anchors per sequence (0 = 2T/K)")
+    loss: str = config_field("kl", "head: 'kl' (distil the base's distribution) or 'ce' (data labels; ablation)")
+    teacher_data: str = config_field("corpus", "head: 'corpus' (training text) or 'self' (text sampled from the base itself)")
+    self_data_tokens: int = config_field(1_000_000, "head, --teacher-data self: tokens to generate")
+    self_temperature: float = config_field(0.8, "head, --teacher-data self: sampling temperature (greedy text of small models loops)")
+    self_top_k: int = config_field(0, "head, --teacher-data self: top-k for sampling (0 = off)")
+    self_prompt_len: int = config_field(32, "head, --teacher-data self: corpus tokens that prompt each generated row")
 
 
 # Presets: named bundles of flags. Model fields (GPTConfig) apply to the base stage only.
