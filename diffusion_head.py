@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import GPT, apply_rope
+from model import GPT
 
 
 class DiffusionHead(nn.Module):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import train as train_script
 from common import load_checkpoint, load_model, save_checkpoint, state_sha256
-from helpers import CPU, ROOT, expect_user_error, prepare_data, single_thread, tiny_run, train
+from helpers import CPU, ROOT, expect_user_error, prepare_data, train
 from model import GPT, GPTConfig
 from tokenizer import ByteTokenizer, load_tokens
 
