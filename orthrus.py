@@ -149,7 +149,7 @@ def check_decode_args(model_cfg, prompt, max_new_tokens, temperature, top_k, top
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
 
 
-class _Committer:
+class Committer:
     """Appends committed tokens and applies the same stopping rules for every decoder: at most
     max_new_tokens, never past the context length (a clean stop, reported), and stop after the
     end-of-text id."""
@@ -179,14 +179,14 @@ class _Committer:
         return bool(self.stats.stop_reason)
 
 
-def _choose(logits, temperature, top_k, top_p, generator) -> int:
+def choose_token(logits, temperature, top_k, top_p, generator) -> int:
     """One token from one row of logits: argmax when greedy, else a warped sample."""
     if temperature == 0:
         return int(greedy(logits))
     return int(sample_from(logits_to_probs(logits, temperature, top_k, top_p), generator))
 
 
-def _sync(device):
+def sync_device(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -205,13 +205,13 @@ def generate(model: GPT, prompt: list, max_new_tokens: int, temperature: float =
     check_decode_args(cfg, prompt, max_new_tokens, temperature, top_k, top_p)
     device = model.lm_head.weight.device
     stats = DecodeStats("ar" if use_cache else "ar-nocache", len(prompt))
-    out = _Committer(stats, cfg.context_len, max_new_tokens, eos_id, on_tokens)
+    out = Committer(stats, cfg.context_len, max_new_tokens, eos_id, on_tokens)
     seq = torch.tensor([prompt], dtype=torch.long, device=device)
     t0 = time.perf_counter()
     cache = model.new_cache(extra=0) if use_cache else None
     logits = model(seq, cache, logits="last")[0, -1]
-    token = _choose(logits, temperature, top_k, top_p, generator)
-    _sync(device)
+    token = choose_token(logits, temperature, top_k, top_p, generator)
+    sync_device(device)
     stats.prefill_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     done = out.commit([token])
@@ -221,12 +221,12 @@ def generate(model: GPT, prompt: list, max_new_tokens: int, temperature: float =
         else:
             seq = torch.cat([seq, torch.tensor([[token]], device=device)], 1)
             logits = model(seq, logits="last")[0, -1]
-        token = _choose(logits, temperature, top_k, top_p, generator)
+        token = choose_token(logits, temperature, top_k, top_p, generator)
         stats.cycles += 1
         stats.forward_passes += 1
         stats.committed_per_cycle.append(1)
         done = out.commit([token])
-    _sync(device)
+    sync_device(device)
     stats.decode_seconds = time.perf_counter() - t0
     return out.tokens, stats
 
@@ -252,14 +252,14 @@ def generate_orthrus(model: Orthrus, prompt: list, max_new_tokens: int, draft_le
     device = base.lm_head.weight.device
     sampling = temperature > 0
     stats = DecodeStats("orthrus", len(prompt))
-    out = _Committer(stats, cfg.context_len, max_new_tokens, eos_id, on_tokens)
+    out = Committer(stats, cfg.context_len, max_new_tokens, eos_id, on_tokens)
 
     # Prefill with the AR view only (time to first token is plain AR's).
     t0 = time.perf_counter()
     cache = base.new_cache(extra=draft_len)
     logits = base(torch.tensor([prompt], device=device), cache, logits="last")[0, -1]
-    pending = _choose(logits, temperature, top_k, top_p, generator)
-    _sync(device)
+    pending = choose_token(logits, temperature, top_k, top_p, generator)
+    sync_device(device)
     stats.prefill_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     done = out.commit([pending])
@@ -296,6 +296,6 @@ def generate_orthrus(model: Orthrus, prompt: list, max_new_tokens: int, draft_le
         stats.committed_per_cycle.append(len(out.tokens) - n_before)
         if on_cycle is not None:
             on_cycle({"pending": block[0, 0].item(), "drafts": drafts.tolist(), "accepted": n_accepted, "next": next_token})
-    _sync(device)
+    sync_device(device)
     stats.decode_seconds = time.perf_counter() - t0
     return out.tokens, stats
