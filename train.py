@@ -84,6 +84,11 @@ PRESETS = {
         "gpu": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=4, head_dim=64, mlp_hidden=2048, context_len=1024,
                     batch_size=32, grad_accum=2, max_steps=5000, lr=6e-4, warmup_steps=200, compile=True,
                     eval_interval=500, ckpt_interval=500),
+        # the separate draft model of two-model speculative decoding (bench.py's baseline): 0.91M
+        # parameters, more than the CPU head's 0.79M, so Orthrus is compared with a drafter at
+        # least as large as its own extra weights; same data, tokenizer and context
+        "draft": dict(n_layer=2, n_embd=192, n_head=6, n_kv_head=2, head_dim=32, mlp_hidden=576, context_len=512,
+                      batch_size=4, max_steps=800, lr=3e-3, warmup_steps=30, eval_interval=200, ckpt_interval=100),
         # seconds, for tests
         "tiny": dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, head_dim=8, mlp_hidden=64, context_len=64,
                      batch_size=4, max_steps=20, lr=3e-3, warmup_steps=5, eval_interval=10, eval_batches=2,
@@ -456,7 +461,7 @@ def ckpt_path(cfg: TrainConfig) -> str:
 
 def build_parser():
     p = ArgumentParser(__doc__)
-    p.add_argument("--preset", default=None, help="named flag bundle: cpu, gpu or tiny (per stage; see PRESETS)")
+    p.add_argument("--preset", default=None, help="named flag bundle per stage (see PRESETS): base cpu, gpu, draft (the speculative-decoding draft model), tiny; head cpu, gpu, tiny")
     p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out-dir exactly")
     add_dataclass_flags(p, TrainConfig)
     add_dataclass_flags(p, GPTConfig, skip=("vocab_size",))

@@ -4,6 +4,7 @@ tables and JSON are produced and self-consistent, never timings)."""
 import json
 
 import pytest
+import torch
 
 import bench
 from helpers import expect_user_error
@@ -11,20 +12,50 @@ from helpers import expect_user_error
 
 
 
-def test_orthrus_suite_tables_and_json(tiny, tmp_path, capsys):
+SMALL = ["--device", "cpu", "--prompt-len", "12", "--max-new-tokens", "20", "--num-prompts", "2", "--repeats", "1"]
+
+
+def test_compare_suite_tables_and_json(tiny, tmp_path, capsys):
+    """All four methods on the tiny base; the tiny base doubles as its own draft model (an oracle:
+    every draft accepted), which checks the draft-model rows' bookkeeping."""
     out = tmp_path / "bench.json"
-    results = bench.main(["--suite", "orthrus", "--ckpt", tiny["head"], "--device", "cpu", "--prompt-len", "12",
-                          "--max-new-tokens", "20", "--num-prompts", "2", "--repeats", "1", "--draft-lens", "4,6",
-                          "--json", str(out)])
+    results = bench.main(["--suite", "compare", "--ckpt", tiny["head"], "--draft-ckpt", tiny["base"], *SMALL,
+                          "--draft-lens", "4,6", "--gammas", "3", "--lookup-gammas", "4", "--json", str(out)])
     printed = capsys.readouterr().out
-    assert "| K | tokens/cycle |" in printed and "### Sampling" in printed
+    assert "| method | tokens/cycle |" in printed and "### Sampling" in printed and "### Orthrus detail" in printed
     saved = json.loads(out.read_text())
-    assert set(saved["greedy"]) == {"4", "6"}
-    for K, row in results["greedy"].items():
-        assert row["identical"] == 2  # greedy Orthrus == greedy AR on every prompt
-        assert 1.0 <= row["tokens_per_cycle"] <= K
-        assert row["tokens_per_forward"] == pytest.approx(row["tokens_per_cycle"] / 2, rel=1e-6)
+    assert set(saved["greedy"]) == {"AR (KV cache)", "Orthrus K=4", "Orthrus K=6", "draft model gamma=3",
+                                    "prompt lookup gamma=4"}
+    for mode in ("greedy", "sampling"):
+        rows = results[mode]
+        assert rows["AR (KV cache)"]["tokens_per_cycle"] == 1.0
+        for label, row in rows.items():
+            if mode == "greedy":
+                assert row["identical"] == 2, label  # every method reproduces greedy AR exactly
+            if row["kind"] == "orthrus":
+                assert 1.0 <= row["tokens_per_cycle"] <= row["param"]
+                assert row["tokens_per_forward"] == pytest.approx(row["tokens_per_cycle"] / 2, rel=1e-6)
+                assert row["extra_persistent_bytes"] == 0
+        assert rows["draft model gamma=3"]["extra_persistent_bytes"] > 0  # its own cache
+    # greedy with the base as its own drafter accepts all gamma drafts: gamma + 1 per cycle
+    # (except a final cycle trimmed by max_new_tokens)
+    assert results["greedy"]["draft model gamma=3"]["tokens_per_cycle"] > 3.0
     assert 0 < results["trainable_fraction"] < 1
+
+
+def test_ablations_suite(tiny, capsys):
+    results = bench.main(["--suite", "ablations", "--ckpt", tiny["head"], "--draft-ckpt", tiny["base"], *SMALL,
+                          "--ablation-k", "4", "--draft-lens", "4", "--heads", f"again={tiny['head']}",
+                          "--prompt-lens", "8,40,60", "--tokenizer-ckpts", f"byte={tiny['head']}"])
+    printed = capsys.readouterr().out
+    for title in ("Denoising steps", "Head training variants", "Prompt length", "Memory beyond", "Tokenizers"):
+        assert title in printed
+    assert set(results["denoise"]) == {1, 2, 4}
+    assert set(results["prompt_length"]) == {8, 40}  # 60 + 16 new tokens would pass the 64-token context
+    memory = results["memory"]
+    assert all(row["draft_model_kv"] > 0 for row in memory.values())
+    assert memory[128]["draft_model_kv"] == 2 * memory[64]["draft_model_kv"]  # grows with the context
+    assert results["tokenizer"]["byte"]["chars_per_token"] > 0
 
 
 def test_ar_suite_runs(tiny, capsys):
@@ -32,9 +63,16 @@ def test_ar_suite_runs(tiny, capsys):
     assert results["decode_tokens_per_s"]["cache"] > 0 and results["train_tokens_per_s"] > 0
 
 
-def test_bench_bad_input(tiny, capsys):
-    line = expect_user_error(bench.main, ["--suite", "orthrus", "--ckpt", tiny["base"], "--device", "cpu"], capsys)
-    assert "no diffusion head" in line
-    line = expect_user_error(bench.main, ["--suite", "orthrus", "--ckpt", tiny["head"], "--device", "cpu",
-                                          "--draft-lens", "1,4", "--prompt-len", "8"], capsys)
-    assert "draft lengths must be >= 2" in line
+def test_bench_bad_input(tiny, tmp_path, capsys):
+    def error(*argv):
+        return expect_user_error(bench.main, ["--device", "cpu", "--prompt-len", "8", "--max-new-tokens", "8", *argv], capsys)
+
+    assert "no diffusion head" in error("--ckpt", tiny["base"])
+    assert "--draft-lens values must be >= 2" in error("--ckpt", tiny["head"], "--draft-lens", "1,4")
+    assert "unknown --methods" in error("--ckpt", tiny["head"], "--methods", "orthrus,medusa")
+    assert "exceeds the model's context of 64" in error("--ckpt", tiny["head"], "--prompt-len", "60")
+    assert "--max-new-tokens must be >= 1" in error("--ckpt", tiny["head"], "--max-new-tokens", "0")
+    other = torch.load(tiny["base"], weights_only=True)
+    other["tokenizer"] = {**other["tokenizer"], "kind": "sentencepiece", "vocab_size": 512}
+    torch.save(other, tmp_path / "other.pt")
+    assert "uses another tokenizer" in error("--ckpt", tiny["head"], "--draft-ckpt", tmp_path / "other.pt")
