@@ -171,7 +171,11 @@ def main(argv=None):
                   f"the persistent KV cache is the AR model's", file=sys.stderr)
         return stats
 
-    # compare: the same prompt and seed through both decoders
+    # compare: the same prompt and seed through both decoders, after an untimed warm-up of each
+    # (first calls pay for allocations and lazily built tables, which would skew a short run)
+    warm = dict(common, max_new_tokens=min(8, args.max_new_tokens))
+    generate(base, prompt, **warm)
+    generate_orthrus(Orthrus(base, head), prompt, draft_len=args.draft_len, **warm)
     print("--- AR ---", file=sys.stderr)
     ar_tokens, ar_stats = run("ar", True)
     print("--- Orthrus ---", file=sys.stderr)

@@ -1,0 +1,52 @@
+"""
+Shrink a training checkpoint into a shippable one: weights only (no optimizer state, no data
+RNG), cast to float16 or bfloat16. Loading casts them back to the inference dtype (float32 on a
+CPU), so a 16-bit file decodes at full speed; Orthrus stays exact because its guarantee is
+relative to the base weights actually loaded, and the head's hash check is redone for the
+16-bit base (the original hash is kept as `exported_from_sha256`).
+
+    python export.py --ckpt out/head/ckpt.pt --out checkpoints/orthrus_stdlib_byte.pt
+"""
+
+import os
+
+import torch
+
+from common import ArgumentParser, UserError, load_checkpoint, run_cli, save_checkpoint, state_sha256
+
+KEEP = ("kind", "format_version", "model_config", "model", "tokenizer", "tokenizer_model", "data_dir", "head_config",
+        "head", "base_sha256", "step", "train_config")
+
+
+def export_checkpoint(ckpt: dict, dtype: torch.dtype) -> dict:
+    """The weights-only, 16-bit copy of a base or base+head checkpoint."""
+    out = {k: ckpt[k] for k in KEEP if k in ckpt}
+    for key in ("model", "head"):
+        if key in out:
+            out[key] = {name: t.to(dtype) if t.is_floating_point() else t for name, t in out[key].items()}
+    if ckpt["kind"] == "orthrus":
+        out["exported_from_sha256"] = ckpt["base_sha256"]
+        out["base_sha256"] = state_sha256(out["model"])  # the base the head now runs against
+    out["exported_dtype"] = str(dtype).replace("torch.", "")
+    return out
+
+
+def main(argv=None):
+    p = ArgumentParser(__doc__)
+    p.add_argument("--ckpt", required=True, help="a checkpoint written by train.py")
+    p.add_argument("--out", required=True, help="where to write the shippable checkpoint")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="storage dtype of the weights")
+    args = p.parse_args(argv)
+    if os.path.abspath(args.ckpt) == os.path.abspath(args.out):
+        raise UserError("--out must differ from --ckpt (the training checkpoint is kept for --resume)")
+    ckpt = load_checkpoint(args.ckpt)
+    out = export_checkpoint(ckpt, getattr(torch, args.dtype))
+    save_checkpoint(out, args.out)
+    n_params = sum(t.numel() for key in ("model", "head") for t in out.get(key, {}).values())
+    print(f"wrote {args.out}: {n_params / 1e6:.2f}M parameters in {args.dtype}, "
+          f"{os.path.getsize(args.out) / 1e6:.2f} MB (from {os.path.getsize(args.ckpt) / 1e6:.2f} MB)")
+    return args.out
+
+
+if __name__ == "__main__":
+    run_cli(main)

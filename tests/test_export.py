@@ -1,0 +1,34 @@
+"""export.py: a weights-only 16-bit copy that still loads, passes the head's base-hash check and
+decodes exactly like AR."""
+
+import os
+
+import torch
+
+import export
+from common import load_checkpoint, load_model
+from helpers import expect_user_error
+from orthrus import Orthrus, generate, generate_orthrus
+
+
+def test_export_roundtrip(tiny, tmp_path, capsys):
+    out = str(tmp_path / "shipped.pt")
+    export.main(["--ckpt", tiny["head"], "--out", out])
+    assert os.path.getsize(out) < 0.5 * os.path.getsize(tiny["head"])  # no optimizer state, 16-bit
+    ckpt = load_checkpoint(out)
+    assert "optimizer" not in ckpt and ckpt["model"]["embed_tokens.weight"].dtype == torch.float16
+    assert ckpt["exported_from_sha256"] == load_checkpoint(tiny["head"])["base_sha256"]
+    base, head = load_model(ckpt)  # the hash check passes for the 16-bit base
+    assert base.lm_head.weight.dtype == torch.float32  # cast back up for decoding
+    original, _ = load_model(load_checkpoint(tiny["head"]))
+    for name, t in original.state_dict().items():  # weights equal the originals up to fp16 rounding
+        torch.testing.assert_close(base.state_dict()[name], t.half().float(), rtol=0, atol=0)
+    prompt = [ord(c) for c in "def get_"]
+    assert generate_orthrus(Orthrus(base, head), prompt, 30, draft_len=4)[0] == generate(base, prompt, 30)[0]
+
+
+def test_export_bad_input(tiny, tmp_path, capsys):
+    line = expect_user_error(export.main, ["--ckpt", tiny["head"], "--out", tiny["head"]], capsys)
+    assert "--out must differ" in line
+    line = expect_user_error(export.main, ["--ckpt", tmp_path / "missing.pt", "--out", tmp_path / "x.pt"], capsys)
+    assert "missing.pt" in line
