@@ -489,7 +489,7 @@ def suite_ablations(args, device):
         Ks = int_list(args.draft_lens, "--draft-lens", 2)
         for label, path in labelled_paths(args.heads, "--heads"):
             hckpt = load_checkpoint(path)
-            if hckpt.get("base_sha256") != ckpt["base_sha256"]:
+            if hckpt.get("base_sha256") not in (ckpt["base_sha256"], ckpt.get("exported_from_sha256")):
                 raise UserError(f"--heads {label}={path} was trained on another base than --ckpt: "
                                 "an ablation must compare heads of one base")
             _, other = load_model(hckpt, device, base.lm_head.weight.dtype)
