@@ -6,7 +6,6 @@ sampler, not a timing)."""
 import os
 
 import pytest
-import torch
 
 import sample
 from common import load_checkpoint, load_model
