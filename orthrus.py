@@ -191,6 +191,19 @@ def sync_device(device):
         torch.cuda.synchronize()
 
 
+def prefill(base: GPT, prompt: list, extra: int, temperature, top_k, top_p, generator):
+    """The AR view over the prompt: a new cache holding [0, s) (with `extra` slots of room for a
+    block) and the first new token, committed but pending (not yet in the cache).
+    Returns (cache, pending token, seconds)."""
+    device = base.lm_head.weight.device
+    t0 = time.perf_counter()
+    cache = base.new_cache(extra=extra)
+    logits = base(torch.tensor([prompt], device=device), cache, logits="last")[0, -1]
+    pending = choose_token(logits, temperature, top_k, top_p, generator)
+    sync_device(device)
+    return cache, pending, time.perf_counter() - t0
+
+
 # ---------------------------------------------------------------------------------------------
 # Plain autoregressive decoding (the baseline and the reference)
 
@@ -255,12 +268,7 @@ def generate_orthrus(model: Orthrus, prompt: list, max_new_tokens: int, draft_le
     out = Committer(stats, cfg.context_len, max_new_tokens, eos_id, on_tokens)
 
     # Prefill with the AR view only (time to first token is plain AR's).
-    t0 = time.perf_counter()
-    cache = base.new_cache(extra=draft_len)
-    logits = base(torch.tensor([prompt], device=device), cache, logits="last")[0, -1]
-    pending = choose_token(logits, temperature, top_k, top_p, generator)
-    sync_device(device)
-    stats.prefill_seconds = time.perf_counter() - t0
+    cache, pending, stats.prefill_seconds = prefill(base, prompt, draft_len, temperature, top_k, top_p, generator)
     t0 = time.perf_counter()
     done = out.commit([pending])
 

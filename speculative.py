@@ -23,10 +23,11 @@ One cycle of `generate_speculative` is the Orthrus cycle (orthrus.py) with the d
 import time
 
 import torch
+import torch.nn.functional as F
 
 from consensus import greedy_verify, speculative_verify
 from model import GPT
-from orthrus import Committer, DecodeStats, check_decode_args, choose_token, sync_device
+from orthrus import Committer, DecodeStats, check_decode_args, prefill, sync_device
 from sampling import greedy, logits_to_probs, sample_from
 
 
@@ -105,7 +106,6 @@ class PromptLookupDrafter:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram} and {max_ngram}")
         self.gamma, self.max_ngram, self.min_ngram = gamma, max_ngram, min_ngram
-        self.vocab_size = None
 
     def start(self, prompt: list) -> None:
         pass
@@ -122,12 +122,8 @@ class PromptLookupDrafter:
         return []
 
     def propose(self, tokens: list, n: int, temperature: float, top_k: int, top_p: float, generator):
-        drafts = torch.tensor(self.lookup(tokens, n), dtype=torch.long)
-        p_draft = None
-        if temperature > 0:  # a point mass: accepted with probability p_target(d)
-            p_draft = torch.zeros(len(drafts), self.vocab_size)
-            p_draft[torch.arange(len(drafts)), drafts] = 1.0
-        return drafts, p_draft, 0
+        """Deterministic drafts: p_draft None (the decoder treats them as a point mass)."""
+        return torch.tensor(self.lookup(tokens, n), dtype=torch.long), None, 0
 
     def rollback(self, n_valid: int) -> None:
         pass
@@ -152,16 +148,8 @@ def generate_speculative(base: GPT, drafter, prompt: list, max_new_tokens: int, 
     device = base.lm_head.weight.device
     stats = DecodeStats(drafter.name, len(prompt))
     out = Committer(stats, cfg.context_len, max_new_tokens, eos_id, on_tokens)
-    if isinstance(drafter, PromptLookupDrafter):
-        drafter.vocab_size = cfg.vocab_size
-
-    t0 = time.perf_counter()
-    cache = base.new_cache(extra=drafter.gamma + 1)
-    logits = base(torch.tensor([prompt], device=device), cache, logits="last")[0, -1]
-    pending = choose_token(logits, temperature, top_k, top_p, generator)
+    cache, pending, stats.prefill_seconds = prefill(base, prompt, drafter.gamma + 1, temperature, top_k, top_p, generator)
     drafter.start(prompt)
-    sync_device(device)
-    stats.prefill_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     done = out.commit([pending])
 
@@ -181,8 +169,9 @@ def generate_speculative(base: GPT, drafter, prompt: list, max_new_tokens: int, 
         # 3. Consensus (the same functions Orthrus uses).
         if temperature > 0:
             p_target = logits_to_probs(target_logits, temperature, top_k, top_p)
-            if p_draft is None:  # no drafts this cycle
-                p_draft = p_target.new_zeros(0, p_target.size(1))
+            if p_draft is None:  # a deterministic proposal (prompt lookup, or none): a point mass,
+                # so a draft d is kept with probability p_target(d)
+                p_draft = F.one_hot(drafts, p_target.size(1)).to(p_target.dtype)
             n_accepted, next_token = speculative_verify(drafts, p_draft.to(device), p_target, generator)
         else:
             n_accepted, next_token = greedy_verify(drafts, greedy(target_logits))
