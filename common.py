@@ -13,23 +13,25 @@ import sys
 
 import torch
 
+from errors import UserError
 from model import GPT, GPTConfig
 
 # ---------------------------------------------------------------------------------------------
-# Errors: a user mistake is one line on stderr and exit code 2, never a stack trace.
-
-
-class UserError(ValueError):
-    """A mistake in the user's input (flags, files, prompt). Scripts print it as one line."""
+# Errors: a user mistake is one line on stderr and exit code 2, never a stack trace. Only
+# UserError (errors.py) is a user mistake; any other exception is our bug and keeps its traceback.
 
 
 def run_cli(main, argv=None):
-    """Run a script's main(argv), turning user mistakes into `error: ...` and exit code 2."""
+    """Run a script's main(argv), turning user mistakes into `error: ...` and exit code 2, and
+    Ctrl-C into one line and exit code 130."""
     try:
         return main(argv)
-    except (ValueError, OSError) as e:  # OSError: missing/unreadable files, bad folders, no network
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 class ArgumentParser(argparse.ArgumentParser):

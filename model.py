@@ -52,6 +52,7 @@ class GPTConfig:
     rope_theta: float = config_field(10000.0, "RoPE base frequency")
     rms_norm_eps: float = config_field(1e-6, "epsilon of every RMSNorm")
     tie_embeddings: bool = config_field(True, "LM head shares the token-embedding matrix")
+    qk_norm: bool = config_field(True, "per-head RMSNorm on q and k before RoPE (Qwen3); false for Llama-family models")
 
     def __post_init__(self):
         for name in ("vocab_size", "context_len", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "mlp_hidden"):
@@ -157,7 +158,8 @@ def offset_causal_mask(n_past: int, n_new: int, device=None):
 
 
 class Attention(nn.Module):
-    """Qwen3 attention: q/k/v/o without bias, GQA, per-head RMSNorm on q and k before RoPE."""
+    """Qwen3 attention: q/k/v/o without bias, GQA, per-head RMSNorm on q and k before RoPE
+    (identity when config.qk_norm is false: the Llama-family block)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -167,8 +169,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.n_embd, c.n_kv_head * c.head_dim, bias=False)
         self.v_proj = nn.Linear(c.n_embd, c.n_kv_head * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.n_head * c.head_dim, c.n_embd, bias=False)
-        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
-        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        # Qwen3 normalises each head's q and k; Llama-family blocks do not (no weights at all)
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else nn.Identity()
 
     def project(self, x, cos, sin):
         """Hidden states (B, T, n_embd) -> rotated q (B, n_head, T, head_dim), rotated k and plain v
