@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import re
 import sys
 
 import torch
@@ -49,12 +50,34 @@ class ArgumentParser(argparse.ArgumentParser):
 # Device and dtype
 
 
+def available_devices() -> list:
+    """The --device values that work on this machine (besides 'auto')."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
 def pick_device(requested: str = "auto", verbose: bool = True) -> torch.device:
-    """'auto' picks cuda, then mps, then cpu, and says which and why."""
+    """'auto' picks cuda, then mps, then cpu, and says which and why. Anything else must be a
+    device this machine has (cpu, cuda, cuda:N, mps): checked here, before anything is loaded."""
     if requested != "auto":
-        if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {requested} requested but CUDA is not available; use --device cpu or auto")
-        device, why = torch.device(requested), "requested"
+        here = "available here: " + ", ".join(["auto"] + available_devices())
+        try:
+            device = torch.device(requested)
+        except (RuntimeError, ValueError, TypeError):
+            raise UserError(f"unknown --device {requested!r} ({here})") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {requested} requested but CUDA is not available ({here})")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s) ({here})")
+        if device.type == "mps" and "mps" not in available_devices():
+            raise UserError(f"--device {requested} requested but Apple MPS is not available ({here})")
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise UserError(f"--device {requested} is not supported: use cpu, cuda, cuda:N or mps ({here})")
+        why = "requested"
     elif torch.cuda.is_available():
         device, why = torch.device("cuda"), f"CUDA available ({torch.cuda.get_device_name(0)})"
     elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -109,8 +132,12 @@ def add_dataclass_flags(parser, cls, skip=()):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
-        # the flag's own default is None ("not given", so presets can fill it); show the real one
-        help_text = f.metadata.get("help", "") + f" (default: {f.default})".replace("%", "%%")
+        # the flag's own default is None ("not given", so presets can fill it); show the real one,
+        # unless it is empty (the help text then says what an empty value means)
+        help_text = f.metadata.get("help", "")
+        if f.default != "" and "default:" not in help_text:
+            help_text += f" (default: {f.default})"
+        help_text = help_text.replace("%", "%%")
         if f.type in (bool, "bool"):
             parser.add_argument(flag, type=_parse_bool, default=None, metavar="BOOL", help=help_text)
         else:
@@ -166,43 +193,117 @@ def save_checkpoint(obj: dict, path: str):
         raise
 
 
+def _summary(e: BaseException, limit: int = 100, text: str | None = None) -> str:
+    """`Type: first non-empty line of the message` (or of `text`), cut at a word boundary: never
+    an IndexError on an empty message, never a word cut in half."""
+    lines = [line.strip() for line in (str(e) if text is None else text).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:") + " ..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+# what each kind must hold, and the type of each entry (checked before anything is built from it)
+REQUIRED_FIELDS = {
+    "orthrus-base": {"model_config": dict, "model": dict, "tokenizer": dict},
+    "orthrus": {"model_config": dict, "model": dict, "tokenizer": dict, "head_config": dict, "head": dict,
+                "base_sha256": str},
+}
+
+
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     """Load one of our checkpoints, with a one-line error for every way it can be wrong."""
     if not path:
         raise UserError("no checkpoint given: pass --ckpt PATH (train one with `python train.py --preset cpu`)")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path!r} not found (train one with `python train.py --preset cpu`)")
+        raise UserError(f"checkpoint {path!r} not found (train one with `python train.py --preset cpu`)")
     if os.path.isdir(path):
         raise UserError(f"checkpoint {path!r} is a folder; pass the .pt file inside it (e.g. {os.path.join(path, 'ckpt.pt')})")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"checkpoint {path!r} is empty (0 bytes): an interrupted copy or download? copy it again")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle errors, zip errors, unsafe globals: all mean "not ours"
-        raise UserError(f"{path!r} is not a readable orthrus checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if unsafe:
+            raise UserError(f"{path!r} holds pickled Python objects ({unsafe.group(1)}), which a weights-only load "
+                            "refuses: orthrus checkpoints are plain tensors and dicts written by train.py or export.py") from None
+        # the weights-only refusal is a paragraph of advice; its reason follows "WeightsUnpickler error:"
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+        reason = _summary(e, text=detail.group(1) if detail else None)
+        raise UserError(f"{path!r} is not a readable orthrus checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") not in CHECKPOINT_KINDS:
         raise UserError(f"{path!r} is not an orthrus checkpoint (expected a dict with kind in {CHECKPOINT_KINDS})")
+    for field, kind in REQUIRED_FIELDS[ckpt["kind"]].items():
+        if not isinstance(ckpt.get(field), kind):
+            problem = "has no" if field not in ckpt else f"has a {type(ckpt[field]).__name__} as"
+            raise UserError(f"{path!r} ({ckpt['kind']}) {problem} {field!r}: the file is incomplete or was edited; "
+                            "use a checkpoint written by train.py or export.py")
     return ckpt
+
+
+def _check_state_dict(module: torch.nn.Module, state: dict, what: str):
+    """Name what does not fit, before load_state_dict's multi-line message can: missing and
+    unexpected tensors, values that are not tensors, wrong shapes."""
+    expected = module.state_dict()
+
+    def names(keys):
+        keys = sorted(keys)
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    problems = []
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    if missing:
+        problems.append(f"missing tensor(s) {names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensor(s) {names(unexpected)}")
+    not_tensors = [k for k in set(expected) & set(state) if not isinstance(state[k], torch.Tensor)]
+    if not_tensors:
+        problems.append(f"not a tensor: {names(not_tensors)}")
+    wrong = sorted(k for k in set(expected) & set(state) if k not in not_tensors and state[k].shape != expected[k].shape)
+    if wrong:
+        k = wrong[0]
+        problems.append(f"{k} has shape {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}"
+                        + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+    if problems:
+        raise UserError(f"{what}: {'; '.join(problems)}; the file is damaged or was edited")
 
 
 def build_base(ckpt: dict, device="cpu", dtype=None) -> GPT:
     """The frozen-or-not base GPT stored in a checkpoint, loaded strictly."""
-    model = GPT(GPTConfig(**ckpt["model_config"]))
+    config = ckpt["model_config"]
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise UserError(f"the checkpoint's model_config has unknown field(s) {', '.join(map(str, unknown))}: "
+                        "it was written by another version of orthrus, or edited")
     try:
-        model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as e:
-        raise UserError(f"the checkpoint's weights do not fit its own model_config ({str(e).splitlines()[0][:150]}); "
-                        "the file is damaged or was edited") from None
+        model = GPT(GPTConfig(**config))
+    except UserError as e:
+        raise UserError(f"the checkpoint's model_config is invalid: {e}") from None
+    _check_state_dict(model, ckpt["model"], "the checkpoint's weights do not fit its own model_config")
+    model.load_state_dict(ckpt["model"], strict=True)
     model.to(device=device, dtype=dtype or torch.float32)
     return model
 
 
+def tensor_bytes(t: torch.Tensor):
+    """The raw bytes of a tensor's values, as a buffer (no Python-level copy): the storage of
+    t.clone(), which holds exactly this tensor (row-major, or in t's own dense layout for a
+    permuted view). Works for every dtype (bf16 included) and for 0-d and empty tensors."""
+    c = t.detach().cpu().clone()
+    return torch.empty(0, dtype=torch.uint8).set_(c.untyped_storage()).numpy()
+
+
 def state_sha256(state_dict: dict) -> str:
     """A hash of a model's tensors (names, dtypes, shapes, values): identifies a base model
-    independently of the file it came in (optimizer state, step, etc. do not count)."""
+    independently of the file it came in (optimizer state, step, etc. do not count).
+    Digest-compatible with the original `bytes(t.clone().untyped_storage())` definition."""
     h = hashlib.sha256()
     for name in sorted(state_dict):
-        t = state_dict[name].detach().cpu().clone()  # clone: a storage holding exactly this tensor
+        t = state_dict[name]
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(bytes(t.untyped_storage()))
+        h.update(tensor_bytes(t))
     return h.hexdigest()
 
 
@@ -219,6 +320,11 @@ def load_model(ckpt: dict, device="cpu", dtype=torch.float32):
     if ckpt["kind"] != "orthrus":
         return base, None
     head_cfg = ckpt["head_config"]
+    lens = head_cfg.get("trained_draft_lens")
+    if (not isinstance(head_cfg.get("mask_id"), int) or not isinstance(lens, list) or not lens
+            or not all(isinstance(k, int) and k >= 2 for k in lens)):
+        raise UserError("the checkpoint's head_config needs an integer mask_id and a non-empty list of "
+                        f"trained_draft_lens >= 2, got {head_cfg!r}: the file is damaged or was edited")
     if state_sha256(ckpt["model"]) != ckpt["base_sha256"]:
         raise UserError("the base weights in this checkpoint are not the ones its head was trained on "
                         f"(sha256 differs from {ckpt['base_sha256'][:12]}...); retrain the head on this base "
@@ -227,10 +333,8 @@ def load_model(ckpt: dict, device="cpu", dtype=torch.float32):
         raise UserError(f"the head's MASK id {head_cfg['mask_id']} is outside the base vocabulary "
                         f"({base.config.vocab_size}): head and base do not belong together")
     head = DiffusionHead(base, head_cfg["mask_id"], head_cfg["trained_draft_lens"])
-    try:
-        head.load_state_dict(ckpt["head"], strict=True)
-    except RuntimeError as e:
-        raise UserError(f"the head does not fit this base ({str(e).splitlines()[0][:150]})") from None
+    _check_state_dict(head, ckpt["head"], "the head's weights do not fit this base")
+    head.load_state_dict(ckpt["head"], strict=True)
     return base, head.to(device=device, dtype=dtype).requires_grad_(False).eval()
 
 
@@ -249,5 +353,9 @@ def load_ckpt_tokenizer(ckpt: dict):
     from tokenizer import load_tokenizer
 
     blob = ckpt.get("tokenizer_model")
-    model_bytes = None if blob is None else bytes(blob.clone().untyped_storage())
-    return load_tokenizer(ckpt["tokenizer"], base_dir=ckpt.get("data_dir"), model_bytes=model_bytes)
+    model_bytes = None if blob is None else tensor_bytes(blob).tobytes()
+    try:
+        return load_tokenizer(ckpt["tokenizer"], base_dir=ckpt.get("data_dir"), model_bytes=model_bytes)
+    except (ValueError, OSError) as e:  # tokenizer.py's errors: a foreign sentencepiece model, no tiktoken file
+        raise UserError(f"the checkpoint's tokenizer cannot be rebuilt ({_summary(e, 160)})") from None
+

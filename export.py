@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from common import ArgumentParser, UserError, load_checkpoint, run_cli, save_checkpoint, state_sha256
+from common import ArgumentParser, UserError, load_checkpoint, load_model, run_cli, save_checkpoint, state_sha256
 
 KEEP = ("kind", "format_version", "model_config", "model", "tokenizer", "tokenizer_model", "data_dir", "head_config",
         "head", "base_sha256", "step", "train_config")
@@ -39,9 +39,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     if os.path.abspath(args.ckpt) == os.path.abspath(args.out):
         raise UserError("--out must differ from --ckpt (the training checkpoint is kept for --resume)")
+    if os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a folder; pass a file name, e.g. {os.path.join(args.out, 'model.pt')}")
     ckpt = load_checkpoint(args.ckpt)
+    load_model(ckpt)  # a damaged checkpoint fails here, with its one-line reason, not in the shipped copy
     out = export_checkpoint(ckpt, getattr(torch, args.dtype))
-    save_checkpoint(out, args.out)
+    try:
+        save_checkpoint(out, args.out)
+    except OSError as e:  # a parent that is a file, no permission, a full disk
+        raise UserError(f"cannot write --out {args.out} ({e.strerror or type(e).__name__}); "
+                        "pass a path in a folder you can write to") from None
     n_params = sum(t.numel() for key in ("model", "head") for t in out.get(key, {}).values())
     print(f"wrote {args.out}: {n_params / 1e6:.2f}M parameters in {args.dtype}, "
           f"{os.path.getsize(args.out) / 1e6:.2f} MB (from {os.path.getsize(args.ckpt) / 1e6:.2f} MB)")

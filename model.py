@@ -55,16 +55,32 @@ class GPTConfig:
     qk_norm: bool = config_field(True, "per-head RMSNorm on q and k before RoPE (Qwen3); false for Llama-family models")
 
     def __post_init__(self):
+        """Every value checked up front (flags and checkpoints both come through here): a bad one is
+        a UserError naming the field and its flag, never a NaN or a shape error later."""
+        from errors import UserError  # no cycle: errors.py imports nothing
+
+        def bad(name, want):
+            value = getattr(self, name)
+            return UserError(f"{name} (--{name.replace('_', '-')}) must be {want}, got {value!r}")
+
         for name in ("vocab_size", "context_len", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "mlp_hidden"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(name, "an integer >= 1")
+        for name in ("rope_theta", "rms_norm_eps"):  # 0, negative, inf or NaN give NaN activations
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise bad(name, "a finite number > 0")
+        for name in ("tie_embeddings", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "true or false")
         if self.n_head % self.n_kv_head != 0:
-            raise ValueError(
+            raise UserError(
                 f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}) for grouped-query attention; "
                 f"pick e.g. n_kv_head={math.gcd(self.n_head, self.n_kv_head)}"
             )
         if self.head_dim % 2 != 0:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+            raise UserError(f"head_dim (--head-dim) must be even for rotary embeddings, got {self.head_dim}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,6 +140,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype != self.weight.dtype:
+            # under autocast the q/k norms get bf16 linear outputs while the weight stays fp32: rms_norm
+            # has no fused kernel for mixed dtypes (torch warns and falls back). Normalise in the wider
+            # dtype, hand back x's dtype (what the fallback returned too).
+            wide = torch.promote_types(x.dtype, self.weight.dtype)
+            return F.rms_norm(x.to(wide), (x.size(-1),), self.weight.to(wide), self.eps).to(x.dtype)
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
 

@@ -11,8 +11,11 @@ Quick start (CPU, ~10 + ~10 minutes on 2 cores; data first: `python data/prepare
 One GPU:
     python train.py --preset gpu
     python train.py --stage head --preset gpu --base-ckpt out/base/ckpt.pt
-Resume an interrupted run exactly where its last checkpoint left it:
+Resume an interrupted run exactly where its last checkpoint left it (its saved configuration;
+only --device and --max-steps may change, a larger --max-steps trains a finished run further):
     python train.py --resume --out-dir out/base
+    python train.py --resume --out-dir out/base --max-steps 1600
+A run whose loss turns NaN/inf stops at once (exit code 2) without saving the bad state.
 
 Every field of TrainConfig and GPTConfig is a flag (`python train.py --help`); a preset sets
 several at once and explicit flags override it.
@@ -32,7 +35,7 @@ from common import (ArgumentParser, UserError, add_dataclass_flags, autocast, bu
                     load_checkpoint, pick_autocast_dtype, pick_device, run_cli, save_checkpoint, state_sha256,
                     tokenizer_model_tensor)
 from diffusion_head import DiffusionHead, choose_anchors, expected_tokens_per_cycle, head_loss
-from model import GPT, GPTConfig, config_field
+from model import GPT, GPTConfig, KVCache, config_field
 from tokenizer import load_tokens
 
 
@@ -115,12 +118,31 @@ class TokenData:
 
     def __init__(self, data_dir: str):
         meta_path = os.path.join(data_dir, "meta.json")
-        if not os.path.exists(meta_path):
-            raise FileNotFoundError(f"no {meta_path}: run `python data/prepare.py` first (or pass --data-dir)")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
-        self.train = load_tokens(os.path.join(data_dir, "train.bin"), self.meta["dtype"])
-        self.val = load_tokens(os.path.join(data_dir, "val.bin"), self.meta["dtype"])
+        if not os.path.isfile(meta_path):
+            raise UserError(f"no {meta_path}: run `python data/prepare.py` first (or pass --data-dir)")
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                self.meta = json.load(f)
+        except (ValueError, OSError) as e:  # bad JSON (a ValueError), unreadable file
+            raise UserError(f"{meta_path} is not readable JSON ({type(e).__name__}); run `python data/prepare.py` "
+                            "again") from None
+        missing = [k for k in ("dtype", "tokenizer", "vocab_size") if k not in self.meta]
+        if missing:
+            raise UserError(f"{meta_path} lacks {', '.join(missing)}: not written by data/prepare.py; run it again")
+        try:
+            self.train = load_tokens(os.path.join(data_dir, "train.bin"), self.meta["dtype"])
+            self.val = load_tokens(os.path.join(data_dir, "val.bin"), self.meta["dtype"])
+        except (ValueError, FileNotFoundError) as e:  # tokenizer.py: a missing or truncated token file
+            raise UserError(str(e)) from None
+
+    def check_length(self, length: int, data_dir: str, what: str):
+        """Both splits must hold more than one window of `length` tokens: found now, not at the first
+        evaluation after minutes of training."""
+        for split in ("train", "val"):
+            n = getattr(self, split).numel()
+            if n <= length:
+                raise UserError(f"{data_dir}/{split}.bin has {n} tokens, too few for {what} of {length}: prepare more "
+                                "text (data/prepare.py; for val, a larger --val-fraction) or lower --seq-len")
 
     def windows(self, split_tokens, batch_size: int, length: int, generator: torch.Generator):
         """(batch_size, length) int64 windows starting at random offsets."""
@@ -183,10 +205,31 @@ def fmt_time(seconds: float) -> str:
 def train_loop(cfg, trainable, optimizer, step_loss, evaluate, save, start_step, tokens_per_step, device):
     """Run optimizer steps start_step..max_steps-1. step_loss() -> scalar loss of one micro-batch;
     evaluate(step) prints val figures; save(step) writes the checkpoint (atomically). One extra
-    evaluation and save always happen at the end. Returns the last training loss."""
+    evaluation and save always happen at the end. Returns the last training loss.
+
+    A run that diverges (a non-finite loss, gradient or weight) stops with a UserError before the
+    bad update is applied or saved: the checkpoint on disk stays the last good one."""
     params = [p for p in trainable.parameters() if p.requires_grad]
     window_start, window_steps, loss_ema, last = None, 0, None, float("nan")
     step = start_step
+    saved = [start_step if start_step > 0 else None]  # the step of the checkpoint on disk, if this run has one
+
+    def on_disk():
+        if saved[0] is None:
+            return "no checkpoint of this run was written"
+        return f"the checkpoint on disk, {ckpt_path(cfg)} (step {saved[0]}), is intact"
+
+    def diverged(what, at):
+        raise UserError(f"{what} at step {at}: the run diverged and was stopped without saving; {on_disk()}. "
+                        f"Start a new run with a lower --lr (this one used {cfg.lr:g}) or a longer --warmup-steps "
+                        "(--resume would repeat the same configuration)")
+
+    def checked_save(done):
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            diverged("the weights became non-finite", done)
+        save(done)
+        saved[0] = done
+
     try:
         for step in range(start_step, cfg.max_steps):
             lr = lr_at(step, cfg)
@@ -195,10 +238,14 @@ def train_loop(cfg, trainable, optimizer, step_loss, evaluate, save, start_step,
             total = 0.0
             for _ in range(cfg.grad_accum):
                 loss = step_loss() / cfg.grad_accum
+                if not math.isfinite(loss.item()):
+                    diverged(f"the training loss became {loss.item() * cfg.grad_accum}", step + 1)
                 loss.backward()
                 total += loss.item()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            # clip (max_norm inf when --grad-clip 0: scales by exactly 1.0) and check the global norm
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            if not math.isfinite(norm.item()):
+                diverged(f"the gradient norm became {norm.item()}", step + 1)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             last = total
@@ -223,14 +270,15 @@ def train_loop(cfg, trainable, optimizer, step_loss, evaluate, save, start_step,
             if done % cfg.eval_interval == 0 and done != cfg.max_steps:
                 evaluate(done)
             if done % cfg.ckpt_interval == 0 and done != cfg.max_steps:
-                save(done)
+                checked_save(done)
             if window_start is not None and done % cfg.log_interval == 0:
                 window_start, window_steps = time.time(), 0
     except KeyboardInterrupt:
-        print(f"\ninterrupted at step {step}; the checkpoint on disk is intact (resume with --resume)")
+        resume = f" (resume with --resume --out-dir {out_dir(cfg)})" if saved[0] is not None else ""
+        print(f"\ninterrupted at step {step}; {on_disk()}{resume}", flush=True)
         raise SystemExit(130)
     evaluate(cfg.max_steps)
-    save(cfg.max_steps)
+    checked_save(cfg.max_steps)
     return last
 
 
@@ -239,14 +287,20 @@ def train_loop(cfg, trainable, optimizer, step_loss, evaluate, save, start_step,
 
 
 def train_base(cfg: TrainConfig, model_cfg: GPTConfig, resume_ckpt=None):
-    device = pick_device(cfg.device)
-    amp = pick_autocast_dtype(device, cfg.dtype)
-    data = TokenData(cfg.data_dir)
-    if model_cfg.vocab_size != data.meta["vocab_size"]:
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=data.meta["vocab_size"])
     seq_len = cfg.seq_len or model_cfg.context_len
     if seq_len > model_cfg.context_len:
         raise UserError(f"--seq-len {seq_len} exceeds the model's --context-len {model_cfg.context_len}")
+    device = pick_device(cfg.device)
+    amp = pick_autocast_dtype(device, cfg.dtype)
+    data = TokenData(cfg.data_dir)
+    data.check_length(seq_len + 1, cfg.data_dir, "training windows")
+    if model_cfg.vocab_size != data.meta["vocab_size"]:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=data.meta["vocab_size"])
+    try:  # read once, now: a missing tokenizer.model must not surface at the first save
+        tokenizer_blob = tokenizer_model_tensor(data.meta["tokenizer"], cfg.data_dir)
+    except (OSError, KeyError) as e:
+        raise UserError(f"{cfg.data_dir} lacks its sentencepiece model ({type(e).__name__}: {e}); run "
+                        "`python data/prepare.py --tokenizer sentencepiece ...` again") from None
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg).to(device)
     optimizer = make_optimizer(model, cfg, device)
@@ -282,7 +336,7 @@ def train_base(cfg: TrainConfig, model_cfg: GPTConfig, resume_ckpt=None):
             "kind": "orthrus-base", "format_version": 1,
             "model_config": dataclasses.asdict(model_cfg), "model": clean_state_dict(model),
             "tokenizer": data.meta["tokenizer"], "data_dir": cfg.data_dir,
-            "tokenizer_model": tokenizer_model_tensor(data.meta["tokenizer"], cfg.data_dir),
+            "tokenizer_model": tokenizer_blob,
             "optimizer": optimizer.state_dict(), "data_rng": gen.get_state(), "step": step,
             "train_config": dataclasses.asdict(cfg), "val_loss": val_loss[0],
         }, ckpt_path(cfg))
@@ -311,7 +365,7 @@ def base_kv_and_logits(base: GPT, idx: torch.Tensor):
     """The frozen base's forward over idx: teacher logits (B, T, V) and every layer's K/V, taken
     from a KV cache exactly as the AR view writes it at inference time."""
     B, T = idx.shape
-    cache = base.new_cache(batch_size=B, extra=0)
+    cache = KVCache(base.config, B, T, device=idx.device, dtype=base.lm_head.weight.dtype)
     logits = base(idx, cache, logits="all")
     ks = [cache.k[i, :, :, :T] for i in range(base.config.n_layer)]
     vs = [cache.v[i, :, :, :T] for i in range(base.config.n_layer)]
@@ -327,7 +381,7 @@ def sample_self_data(base: GPT, prompts: torch.Tensor, length: int, temperature:
     rows, t0 = [], time.time()
     for i in range(0, prompts.size(0), batch_size):
         p = prompts[i : i + batch_size]
-        cache = base.new_cache(batch_size=p.size(0), extra=0)
+        cache = KVCache(base.config, p.size(0), length, device=p.device, dtype=base.lm_head.weight.dtype)
         out = [p]
         logits = base(p, cache, logits="last")[:, 0]
         for _ in range(length - p.size(1)):
@@ -344,11 +398,15 @@ def sample_self_data(base: GPT, prompts: torch.Tensor, length: int, temperature:
 
 
 def train_head(cfg: TrainConfig, resume_ckpt=None):
-    device = pick_device(cfg.device)
-    amp = pick_autocast_dtype(device, cfg.dtype)
     base_path = resume_ckpt["base_ckpt"] if resume_ckpt is not None else cfg.base_ckpt
     if not base_path:
         raise UserError("--stage head needs --base-ckpt PATH (a checkpoint from `python train.py --stage base`)")
+    draft_lens = parse_draft_lens(cfg.draft_lens)
+    if cfg.seq_len and draft_lens[-1] > cfg.seq_len // 2:
+        raise UserError(f"draft length {draft_lens[-1]} is too long for training sequences of {cfg.seq_len} tokens")
+    device = pick_device(cfg.device)
+    amp = pick_autocast_dtype(device, cfg.dtype)
+    data = TokenData(cfg.data_dir)  # before the base checkpoint: the cheaper check first
     base_ckpt = load_checkpoint(base_path)
     base = build_base(base_ckpt, device)
     base.requires_grad_(False).eval()  # frozen: no gradients, no dropout-like behaviour changes
@@ -356,7 +414,6 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
     if resume_ckpt is not None and resume_ckpt["base_sha256"] != base_hash:
         raise UserError(f"{base_path} is not the base this head was trained on (sha256 differs); "
                         "pass the original base checkpoint")
-    data = TokenData(cfg.data_dir)
     if data.meta["tokenizer"] != base_ckpt["tokenizer"]:
         raise UserError(f"--data-dir {cfg.data_dir} was tokenized with {data.meta['tokenizer']['kind']} "
                         f"(vocab {data.meta['vocab_size']}) but the base uses {base_ckpt['tokenizer']['kind']} "
@@ -364,15 +421,12 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
     seq_len = cfg.seq_len or base.config.context_len
     if seq_len > base.config.context_len:
         raise UserError(f"--seq-len {seq_len} exceeds the base model's context length {base.config.context_len}")
-    if cfg.loss not in ("kl", "ce"):
-        raise UserError(f"unknown --loss {cfg.loss!r}: use 'kl' or 'ce'")
-    if cfg.anchors not in ("random", "aligned"):
-        raise UserError(f"unknown --anchors {cfg.anchors!r}: use 'random' or 'aligned'")
-    if cfg.teacher_data not in ("corpus", "self"):
-        raise UserError(f"unknown --teacher-data {cfg.teacher_data!r}: use 'corpus' or 'self'")
-    draft_lens = parse_draft_lens(cfg.draft_lens)
     if draft_lens[-1] > seq_len // 2:
         raise UserError(f"draft length {draft_lens[-1]} is too long for training sequences of {seq_len} tokens")
+    if cfg.teacher_data == "self" and cfg.self_prompt_len >= seq_len:
+        raise UserError(f"--self-prompt-len {cfg.self_prompt_len} leaves nothing to generate in rows of {seq_len} "
+                        "tokens; use a shorter prompt")
+    data.check_length(seq_len, cfg.data_dir, "training windows")
     torch.manual_seed(cfg.seed)
     head = DiffusionHead(base, base_ckpt["tokenizer"]["mask_id"], draft_lens).to(device)
     optimizer = make_optimizer(head, cfg, device)
@@ -386,7 +440,14 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
     if cfg.teacher_data == "self":
         rows_path = os.path.join(out_dir(cfg), "self_data.pt")
         if os.path.exists(rows_path):
-            rows = torch.load(rows_path, weights_only=True)
+            try:
+                rows = torch.load(rows_path, weights_only=True)
+            except Exception as e:  # a damaged file: say which and how to regenerate it
+                raise UserError(f"{rows_path} is not readable ({type(e).__name__}); delete it to generate the "
+                                "self data again") from None
+            if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.size(1) < seq_len:
+                raise UserError(f"{rows_path} does not hold rows of {seq_len} tokens; delete it to generate the "
+                                "self data again")
             print(f"self data: reusing {rows_path} ({rows.numel():,} tokens)")
         else:
             n_rows = max(1, cfg.self_data_tokens // seq_len)
@@ -462,10 +523,59 @@ def ckpt_path(cfg: TrainConfig) -> str:
 def build_parser():
     p = ArgumentParser(__doc__)
     p.add_argument("--preset", default=None, help="named flag bundle per stage (see PRESETS): base cpu, gpu, draft (the speculative-decoding draft model), tiny; head cpu, gpu, tiny")
-    p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out-dir exactly")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run whose checkpoint is in --out-dir with its saved configuration; only "
+                        "--device and --max-steps may change (other flags are reported as ignored). A larger "
+                        "--max-steps extends a run, finished or not: the cosine schedule then runs to the new "
+                        "--max-steps, so the learning rate rises again from where the old schedule had brought it")
     add_dataclass_flags(p, TrainConfig)
     add_dataclass_flags(p, GPTConfig, skip=("vocab_size",))
     return p
+
+
+MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]
+RESUME_FLAGS = ("device", "out_dir", "max_steps")  # what --resume takes from the command line
+RESUME_FIELDS = ("train_config", "optimizer", "data_rng", "step")  # what it needs in the checkpoint
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_train_config(cfg: TrainConfig):
+    """Every TrainConfig value, before anything is read or built: one line per mistake, and no
+    value that would train on NaN or run gradient ascent."""
+    def need(ok, name, want):
+        if not ok:
+            raise UserError(f"{flag(name)} must be {want}, got {getattr(cfg, name)!r}")
+
+    def is_int(name):
+        v = getattr(cfg, name)
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(name):
+        v = getattr(cfg, name)
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    choices = {"stage": ("base", "head"), "dtype": ("auto", "float32", "bfloat16"), "loss": ("kl", "ce"),
+               "anchors": ("random", "aligned"), "teacher_data": ("corpus", "self")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise UserError(f"unknown {flag(name)} {getattr(cfg, name)!r}: use {' or '.join(map(repr, allowed))}")
+    for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "ckpt_interval",
+                 "log_interval", "self_data_tokens", "self_prompt_len"):
+        need(is_int(name) and getattr(cfg, name) >= 1, name, ">= 1")
+    for name in ("seed", "seq_len", "warmup_steps", "anchors_per_seq", "self_top_k"):
+        need(is_int(name) and getattr(cfg, name) >= 0, name, "an integer >= 0")
+    need(is_num("lr") and cfg.lr > 0, "lr", "a finite number > 0")
+    need(is_num("min_lr_ratio") and 0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio",
+         "in [0, 1] (the final learning rate as a fraction of --lr)")
+    need(is_num("weight_decay") and cfg.weight_decay >= 0, "weight_decay", "a finite number >= 0")
+    for name in ("beta1", "beta2"):
+        need(is_num(name) and 0 <= getattr(cfg, name) < 1, name, "in [0, 1)")
+    need(is_num("grad_clip") and cfg.grad_clip >= 0, "grad_clip", "a finite number >= 0 (0 = off)")
+    need(is_num("self_temperature") and cfg.self_temperature > 0, "self_temperature", "a finite number > 0")
+    parse_draft_lens(cfg.draft_lens)
 
 
 def configs_from_args(args):
@@ -473,32 +583,87 @@ def configs_from_args(args):
     stage = flags.get("stage", "base")
     if stage not in PRESETS:
         raise UserError(f"unknown --stage {stage!r}: use 'base' or 'head'")
+    model_flags = [flag(name) for name in MODEL_FIELDS if name in flags]
+    if stage == "head" and model_flags and not args.resume:
+        raise UserError(f"{', '.join(model_flags)}: model flags apply to --stage base only; the head stage takes "
+                        "its model from --base-ckpt")
     preset = {}
     if args.preset is not None:
         if args.preset not in PRESETS[stage]:
             raise UserError(f"unknown --preset {args.preset!r} for stage {stage}: choose from {sorted(PRESETS[stage])}")
         preset = PRESETS[stage][args.preset]
     cfg = dataclass_from(TrainConfig, preset, flags)
-    model_cfg = dataclass_from(GPTConfig, preset, flags)
-    for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "ckpt_interval", "log_interval"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    model_cfg = dataclass_from(GPTConfig, preset, flags)  # GPTConfig checks its own values
+    check_train_config(cfg)
     return cfg, model_cfg
+
+
+def check_out_dir(cfg: TrainConfig):
+    """--out-dir must be a folder we can write to (or create): found now, not at the first save."""
+    folder = out_dir(cfg)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"--out-dir {folder} is a file; pass a folder (ckpt.pt is written inside it)")
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out-dir {folder}: cannot write to {existing}; pass a folder you can write to")
+
+
+def resume_config(args, cfg: TrainConfig, resume_ckpt: dict) -> TrainConfig:
+    """The saved configuration, with --device, --out-dir and --max-steps from the command line;
+    every other explicitly given flag is reported as ignored (never dropped silently)."""
+    path = ckpt_path(cfg)
+    missing = [k for k in RESUME_FIELDS if k not in resume_ckpt]
+    if missing or (resume_ckpt["kind"] == "orthrus" and "base_ckpt" not in resume_ckpt):
+        raise UserError(f"{path} has no optimizer/training state (an exported checkpoint?): --resume needs the "
+                        "ckpt.pt that train.py wrote")
+    saved = dataclass_from(TrainConfig, resume_ckpt["train_config"])
+    if (saved.stage == "head") != (resume_ckpt["kind"] == "orthrus"):
+        raise UserError(f"{path} is a {resume_ckpt['kind']} checkpoint but its run is --stage {saved.stage}: "
+                        "the file was edited")
+    step = resume_ckpt["step"]
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in RESUME_FLAGS + ("resume",)}
+    if given:
+        shown = ", ".join(f"{flag(k)} {v}" for k, v in given.items())
+        print(f"ignored on --resume (the run keeps its saved configuration; only --device and --max-steps "
+              f"apply): {shown}")
+    max_steps = saved.max_steps
+    if args.max_steps is not None and args.max_steps != saved.max_steps:
+        if args.max_steps < step:
+            raise UserError(f"--max-steps {args.max_steps} is below the step the run has reached ({step}); "
+                            f"pass a larger value to train further")
+        max_steps = args.max_steps
+        print(f"--max-steps {max_steps} (was {saved.max_steps}): the cosine learning-rate schedule now runs to "
+              f"step {max_steps}, so from step {step} on the learning rate follows the new curve")
+    # the run continues exactly as configured; only where to run it, and for how long, may change
+    cfg = dataclasses.replace(saved, device=cfg.device, out_dir=cfg.out_dir or saved.out_dir, max_steps=max_steps)
+    check_train_config(cfg)
+    return cfg
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    cfg, model_cfg = configs_from_args(args)
+    cfg, model_cfg = configs_from_args(args)  # every flag is checked before anything is read
+    pick_device(cfg.device, verbose=False)
+    check_out_dir(cfg)
+    if not args.resume and cfg.stage == "head" and not cfg.base_ckpt:
+        raise UserError("--stage head needs --base-ckpt PATH (a checkpoint from `python train.py --stage base`)")
+    if not args.resume and not os.path.isfile(os.path.join(cfg.data_dir, "meta.json")):
+        raise UserError(f"no {os.path.join(cfg.data_dir, 'meta.json')}: run `python data/prepare.py` first "
+                        "(or pass --data-dir)")
     resume_ckpt = None
     if args.resume:
         resume_ckpt = load_checkpoint(ckpt_path(cfg))
-        saved = dataclass_from(TrainConfig, resume_ckpt["train_config"])
-        # the run continues exactly as configured; only where to run it may change
-        cfg = dataclasses.replace(saved, device=cfg.device, out_dir=cfg.out_dir or saved.out_dir)
-        model_cfg = GPTConfig(**resume_ckpt["model_config"])
+        cfg = resume_config(args, cfg, resume_ckpt)
+        try:
+            model_cfg = GPTConfig(**resume_ckpt["model_config"])
+        except (UserError, TypeError) as e:  # TypeError: an unknown field
+            raise UserError(f"the checkpoint's model_config is invalid ({e})") from None
         print(f"resuming {ckpt_path(cfg)} at step {resume_ckpt['step']}/{cfg.max_steps} with its saved configuration")
         if resume_ckpt["step"] >= cfg.max_steps:
-            print("nothing to do: the run is already complete")
+            print(f"nothing to do: the run is already complete (pass a larger --max-steps than {cfg.max_steps} "
+                  "to train further)")
             return None
     if cfg.stage == "base":
         return train_base(cfg, model_cfg, resume_ckpt)

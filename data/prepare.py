@@ -48,16 +48,16 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # so `python data/prepare.py` can import tokenizer.py
 
 import tokenizer as tk  # noqa: E402
+from errors import UserError  # noqa: E402  (one line `error: ...`, exit code 2)
 
 TINYSTORIES_URL = (
     "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-valid.txt"
 )
 TEST_DIRS = {"test", "tests", "idle_test"}
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
-
-
-class UserError(Exception):
-    """A mistake in the command line or the inputs: reported as one `error:` line, exit code 2."""
+# A split with fewer tokens than this cannot give train.py one window of the gpu preset (1024 + 1
+# tokens; the cpu preset needs 513): warned about, since a small --seq-len can still use it.
+MIN_SPLIT_TOKENS = 1025
 
 
 class _Parser(argparse.ArgumentParser):
@@ -234,6 +234,14 @@ def make_tokenizer(args, out_dir, train_docs):
         raise UserError(str(e)) from None
 
 
+def make_out_dir(out_dir):
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:  # a parent that is a file, no permission, read-only disk
+        raise UserError(f"cannot create --out-dir {out_dir} ({e.strerror or type(e).__name__}); "
+                        f"pass a folder you can write to") from None
+
+
 def run(args):
     t_start = time.time()
     if args.source and args.input:
@@ -245,8 +253,13 @@ def run(args):
     if args.tokenizer == "sentencepiece" and args.vocab_size < tk.SP_MIN_VOCAB:
         raise UserError(f"--vocab-size {args.vocab_size} is too small for sentencepiece: 256 byte "
                         f"pieces and 4 special pieces take 260 ids, use at least {tk.SP_MIN_VOCAB}")
+    if args.doc_separator is not None and not args.doc_separator:
+        raise UserError("--doc-separator is empty: pass the string that separates documents "
+                        "(e.g. '<|endoftext|>'), or leave the flag out to make every file one document")
     source = args.source or ("custom" if args.input else "stdlib")
     out_dir = args.out_dir or os.path.join(ROOT, "data", source)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out-dir {out_dir} is a file; pass a folder (train.bin, val.bin and meta.json go inside)")
 
     # byte and tiktoken need no corpus: build them first so a missing tiktoken file fails fast
     tok = make_tokenizer(args, out_dir, None) if args.tokenizer != "sentencepiece" else None
@@ -261,7 +274,7 @@ def run(args):
         print(f"reading {len(rels)} files under {root} ({what})")
         files, skipped = read_files((rel, os.path.join(root, rel)) for rel in rels)
     elif source == "tinystories":
-        os.makedirs(out_dir, exist_ok=True)  # the download is cached there
+        make_out_dir(out_dir)  # the download is cached there
         path = download(args.url or TINYSTORIES_URL, out_dir)
         what = f"TinyStories ({os.path.basename(path)}), one document per story"
         files, skipped = read_files([(os.path.basename(path), path)])
@@ -288,7 +301,7 @@ def run(args):
     print(f"{len(docs)} documents: {len(splits['train'])} train, {len(splits['val'])} val")
 
     # 2. sentencepiece learns its vocabulary from the training split only
-    os.makedirs(out_dir, exist_ok=True)  # created only now that the inputs proved usable
+    make_out_dir(out_dir)  # created only now that the inputs proved usable
     tok = tok or make_tokenizer(args, out_dir, splits["train"])
     dtype = tk.token_dtype(tok.vocab_size)
 
@@ -332,6 +345,14 @@ def run(args):
         f.write("\n")
     os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
 
+    for split, st in stats.items():
+        if st["tokens"] < MIN_SPLIT_TOKENS:
+            print(f"warning: {split}.bin has only {st['tokens']:,} tokens, fewer than one training window "
+                  f"of the cpu/gpu presets (513/1025 tokens): train.py will refuse it unless --seq-len is "
+                  f"below {st['tokens'] - 1}; add text"
+                  + (" or lower --val-fraction" if split == "train" else " or raise --val-fraction")
+                  + " (the split is by document)", file=sys.stderr)
+
     n_tok = sum(s["tokens"] for s in stats.values())
     n_bytes = sum(s["bytes"] for s in stats.values())
     print(f"done in {time.time() - t_start:.1f}s: {len(files)} files, {len(docs)} documents, "
@@ -349,4 +370,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common import run_cli  # Ctrl-C: one line, exit code 130
+
+    sys.exit(run_cli(main))

@@ -150,6 +150,13 @@ def test_bad_inputs(prepare, capsys, corpus, tmp_path, monkeypatch):
     single = tmp_path / "one.txt"
     single.write_text("just one document\n")
     assert "at least 2 documents" in run_error(prepare, capsys, "--input", single, "--out-dir", out)
+    # issue 8: an existing file as --out-dir, an empty separator (were tracebacks)
+    msg = run_error(prepare, capsys, "--input", root, "--out-dir", single)
+    assert f"--out-dir {single} is a file" in msg
+    msg = run_error(prepare, capsys, "--input", root, "--doc-separator", "", "--out-dir", out)
+    assert "--doc-separator is empty" in msg
+    msg = run_error(prepare, capsys, "--input", root, "--out-dir", single / "sub")
+    assert "cannot create --out-dir" in msg
 
     # Offline download: port 9 on localhost refuses at once, so nothing can hang.
     url = "http://127.0.0.1:9/TinyStories-test.txt"
@@ -166,6 +173,20 @@ def test_bad_inputs(prepare, capsys, corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     msg = run_error(prepare, capsys, "--input", root, "--tokenizer", "tiktoken", "--out-dir", out)
     assert "could not load tiktoken encoding 'gpt2'" in msg
+
+
+def test_tiny_split_is_warned_about(prepare, capsys, tmp_path):
+    """A corpus whose train split holds a handful of tokens prepares (a small --seq-len can use
+    it) but says clearly, at preparation time, that the presets' windows will not fit."""
+    for name, text in (("a.txt", "tiny"), ("b.txt", "small"), ("c.txt", "short")):
+        (tmp_path / name).write_text(text)
+    rc = prepare.main(["--input", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), str(tmp_path / "c.txt"),
+                       "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 0
+    lines = [line for line in err.splitlines() if line.startswith("warning: train.bin has only")]
+    assert len(lines) == 1 and "lower --val-fraction" in lines[0] and "train.py will refuse it" in lines[0], err
+    assert "warning: val.bin has only" in err
 
 
 def test_stdlib_file_discovery(prepare):

@@ -32,3 +32,9 @@ def test_export_bad_input(tiny, tmp_path, capsys):
     assert "--out must differ" in line
     line = expect_user_error(export.main, ["--ckpt", tmp_path / "missing.pt", "--out", tmp_path / "x.pt"], capsys)
     assert "missing.pt" in line
+    # issue 8: a folder as --out (was a raw errno), a file as its parent
+    line = expect_user_error(export.main, ["--ckpt", tiny["head"], "--out", tmp_path], capsys)
+    assert f"--out {tmp_path} is a folder" in line
+    (tmp_path / "a_file").write_text("x")
+    line = expect_user_error(export.main, ["--ckpt", tiny["head"], "--out", tmp_path / "a_file" / "x.pt"], capsys)
+    assert "cannot write --out" in line

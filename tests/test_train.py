@@ -14,8 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 import train as train_script
-from common import load_checkpoint, load_model, save_checkpoint, state_sha256
+from common import load_checkpoint, load_model, run_cli, save_checkpoint, state_sha256
 from helpers import CPU, ROOT, expect_user_error, prepare_data, train
 from model import GPT, GPTConfig
 from tokenizer import ByteTokenizer, load_tokens
@@ -115,7 +116,9 @@ def test_interrupted_run_resumes_bit_identically(tiny, tmp_path, monkeypatch, ca
         with pytest.raises(SystemExit) as exc:
             train_script.main([str(a) for a in ["--preset", "tiny", "--data-dir", tiny["data"], "--out-dir", out, *CPU]])
     assert exc.value.code == 130
-    assert "interrupted at step 13" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "interrupted at step 13" in printed
+    assert f"{out / 'ckpt.pt'} (step 10), is intact" in printed and "--resume" in printed
     assert load(out / "ckpt.pt")["step"] == 10
 
     _, log = train(["--resume", "--out-dir", out, "--device", "cpu"])
@@ -170,16 +173,153 @@ BASE_ERRORS = [
     (["--seq-len", "100"], "exceeds the model's --context-len 64"),
     (["--max-steps", "0"], "--max-steps must be >= 1"),
     (["--resume"], "not found"),
+    # values that trained on NaN, ran gradient ascent or printed negative speeds (issue 8)
+    (["--rms-norm-eps", "-1"], "rms_norm_eps (--rms-norm-eps) must be a finite number > 0, got -1.0"),
+    (["--rope-theta", "0"], "rope_theta (--rope-theta) must be a finite number > 0"),
+    (["--seq-len", "-5"], "--seq-len must be an integer >= 0, got -5"),
+    (["--min-lr-ratio", "-5"], "--min-lr-ratio must be in [0, 1]"),
+    (["--grad-clip", "nan"], "--grad-clip must be a finite number >= 0 (0 = off), got nan"),
+    (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["--lr", "0"], "--lr must be a finite number > 0"),
+    (["--beta2", "1"], "--beta2 must be in [0, 1)"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be an integer >= 0"),
+    (["--dtype", "fp8"], "unknown --dtype 'fp8'"),
+    (["--device", "meta"], "available here: auto, cpu"),
+    (["--device", "nonsense"], "unknown --device 'nonsense'"),
+    (["--out-dir", "{file}"], "is a file; pass a folder"),
 ]
 
 
 @pytest.mark.parametrize("flags,message", BASE_ERRORS, ids=[m for _, m in BASE_ERRORS])
 def test_base_stage_bad_input(tiny, tmp_path, capsys, flags, message):
-    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    (tmp_path / "a_file").write_text("not a folder")
+    flags = [f.replace("{tmp}", str(tmp_path)).replace("{file}", str(tmp_path / "a_file")) for f in flags]
     argv = ["--preset", "tiny", "--data-dir", tiny["data"], "--out-dir", tmp_path / "out", *CPU, *flags]
     if "--preset" in flags:
         argv = argv[2:]
     assert message in expect_user_error(train_script.main, argv, capsys)
+
+
+def test_flags_are_checked_before_anything_is_read(tiny, tmp_path, capsys, monkeypatch):
+    """A bad flag is reported before data, base checkpoints or models are touched: no waiting for
+    a load to learn about a typo, and the flag's own message rather than a follow-on error."""
+    def never(*args, **kwargs):
+        raise AssertionError("loaded something before checking every flag")
+
+    for name in ("TokenData", "load_checkpoint", "GPT", "DiffusionHead"):
+        monkeypatch.setattr(train_script, name, never)
+    head = ["--stage", "head", "--preset", "tiny", "--data-dir", tiny["data"], "--base-ckpt", tiny["base"],
+            "--out-dir", tmp_path / "h", *CPU]
+    for extra, message in ((["--loss", "mse"], "unknown --loss 'mse'"), (["--anchors", "x"], "unknown --anchors"),
+                           (["--draft-lens", "4,x"], "comma list of integers"),
+                           (["--seq-len", "16", "--draft-lens", "4,9"], "too long for training sequences of 16"),
+                           (["--self-temperature", "0"], "--self-temperature must be a finite number > 0"),
+                           (["--n-layer", "3"], "--n-layer: model flags apply to --stage base only"),
+                           (["--device", "cuda:7"], "--device cuda:7")):
+        if extra[:2] == ["--device", "cuda:7"] and "cuda:7" in common.available_devices():
+            continue
+        assert message in expect_user_error(train_script.main, head + extra, capsys)
+    base = ["--preset", "tiny", "--data-dir", tmp_path / "missing", "--out-dir", tmp_path / "b", *CPU]
+    assert "--lr must be" in expect_user_error(train_script.main, base + ["--lr", "-1"], capsys)
+
+
+def test_help_shows_meaningful_defaults(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train_script.main(["--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: )" not in text and "default: )" not in text
+    assert "(default: out/base or out/head)" in text and "(default: 0.001)" in text and "(default: 8,16,32)" in text
+    assert "the cosine schedule then runs to the new --max-steps" in text
+
+
+def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, capsys, monkeypatch):
+    """From step 12 on the learning rate is absurd: the run must stop with one line, exit 2, and
+    leave the step-10 checkpoint byte-identical (the NaN state is never saved)."""
+    out = tmp_path / "run"
+    argv = ["--preset", "tiny", "--data-dir", tiny["data"], "--out-dir", out, *CPU]
+    real = train_script.lr_at
+    snapshot = {}
+
+    def lr_at(step, cfg):
+        if step == 12 and not snapshot:
+            snapshot["bytes"] = (out / "ckpt.pt").read_bytes()
+        return 1e9 if step >= 12 else real(step, cfg)
+
+    monkeypatch.setattr(train_script, "lr_at", lr_at)
+    line = expect_user_error(train_script.main, argv, capsys)
+    assert "the run diverged" in line and "lower --lr" in line and f"{out / 'ckpt.pt'} (step 10), is intact" in line
+    assert (out / "ckpt.pt").read_bytes() == snapshot["bytes"]
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_lr_1e9_exits_2_without_writing_nan_weights(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    line = expect_user_error(train_script.main, ["--preset", "tiny", "--data-dir", tiny["data"], "--out-dir", out,
+                                                 "--lr", "1e9", *CPU], capsys)
+    assert "diverged" in line and "no checkpoint of this run was written" in line
+    assert not (out / "ckpt.pt").exists()
+
+
+def test_ctrl_c_during_start_up_is_one_line(tiny, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the head stage loads its base: run_cli's one line and exit code 130."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_script, "load_checkpoint", interrupted)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_cli(train_script.main, [str(a) for a in ["--stage", "head", "--preset", "tiny", "--data-dir", tiny["data"],
+                                                     "--base-ckpt", tiny["base"], "--out-dir", tmp_path / "h", *CPU]])
+    captured = capsys.readouterr()
+    assert exc.value.code == 130
+    assert captured.err.strip() == "interrupted" and "Traceback" not in captured.err + captured.out
+
+
+def test_resume_extends_max_steps_and_reports_ignored_flags(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(tiny["base"], out / "ckpt.pt")  # a finished 20-step run
+    _, log = train(["--resume", "--out-dir", out, "--device", "cpu", "--lr", "0.5", "--preset", "tiny"])
+    assert "ignored on --resume" in log and "--lr 0.5" in log and "--preset tiny" in log
+    assert "nothing to do" in log and "larger --max-steps" in log
+    assert load(out / "ckpt.pt")["step"] == 20
+
+    _, log = train(["--resume", "--out-dir", out, "--device", "cpu", "--max-steps", 24])
+    assert "--max-steps 24 (was 20)" in log and "cosine" in log and "ignored" not in log
+    assert re.search(r"step +24/24 \| loss", log)
+    ckpt = load(out / "ckpt.pt")
+    assert ckpt["step"] == 24 and ckpt["train_config"]["max_steps"] == 24
+    assert not torch.equal(ckpt["model"]["norm.weight"], load(tiny["base"])["model"]["norm.weight"])  # it trained
+
+    assert "below the step the run has reached (24)" in expect_user_error(
+        train_script.main, ["--resume", "--out-dir", out, "--device", "cpu", "--max-steps", 22], capsys)
+
+
+def test_resume_of_an_exported_checkpoint_is_one_line(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    ckpt = load(tiny["base"])
+    del ckpt["optimizer"]
+    save_checkpoint(ckpt, str(out / "ckpt.pt"))
+    assert "--resume needs the ckpt.pt that train.py wrote" in expect_user_error(
+        train_script.main, ["--resume", "--out-dir", out, "--device", "cpu"], capsys)
+
+
+def test_bf16_training_steps_emit_no_warnings(tiny, tmp_path):
+    """--dtype bfloat16 forces autocast on (as on a CPU with native bf16): no dtype-mismatch
+    warning from rms_norm (the q/k norms used to get bf16 input with an fp32 weight)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(["--preset", "tiny", "--data-dir", tiny["data"], "--out-dir", tmp_path / "b", "--device", "cpu",
+               "--dtype", "bfloat16", "--max-steps", 2])
+        train(["--stage", "head", "--preset", "tiny", "--data-dir", tiny["data"], "--base-ckpt", tmp_path / "b" / "ckpt.pt",
+               "--out-dir", tmp_path / "h", "--device", "cpu", "--dtype", "bfloat16", "--max-steps", 2])
+    assert not caught, [f"{w.filename}:{w.lineno}: {w.message}" for w in caught]
+    assert load(tmp_path / "h" / "ckpt.pt")["step"] == 2
 
 
 def test_command_line_error_has_no_traceback(tmp_path):
