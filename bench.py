@@ -24,17 +24,24 @@ Definitions used in every table:
 import json
 import os
 import statistics
+import string
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from common import ArgumentParser, UserError, load_checkpoint, load_ckpt_tokenizer, load_model, pick_device, run_cli
-from model import GPT, GPTConfig
-from orthrus import Orthrus, generate, generate_orthrus, transient_draft_bytes
-from speculative import DraftModelDrafter, PromptLookupDrafter, generate_speculative
+from common import (ArgumentParser, UserError, load_checkpoint, load_ckpt_tokenizer, load_model, pick_device,
+                    read_data_meta, run_cli, set_threads)
+from model import GPT, GPTConfig, kv_bytes
+from decoding import sync_device
+from orthrus import DiffusionDrafter, generate, generate_speculative
+from sampling import GREEDY, Sampling
+from speculative import DraftModelDrafter, PromptLookupDrafter
 from tokenizer import load_tokens
+
+SPREAD_WARNING = 0.25  # repeats whose slowest is >25% slower than their fastest are not trustworthy
 
 
 def build_parser():
@@ -51,7 +58,7 @@ def build_parser():
     p.add_argument("--gammas", default="4", help="tokens the draft model drafts per cycle")
     p.add_argument("--lookup-gammas", default="8", help="tokens prompt lookup drafts per cycle (at most)")
     p.add_argument("--modes", default="greedy,sampling", help="greedy, sampling (temperature 0.7, top-k 50) or both")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats (median reported)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats (median reported, spread shown)")
     p.add_argument("--loop-threshold", type=float, default=0.5, help="distinct-8 below this counts as looping text")
     p.add_argument("--ablations", default="denoise,heads,prompt-length,memory,tokenizer", help="ablations suite: which")
     p.add_argument("--ablation-k", type=int, default=8, help="ablations: Orthrus draft length K")
@@ -59,14 +66,10 @@ def build_parser():
     p.add_argument("--prompt-lens", default="32,128,256,384,448", help="ablations: prompt lengths toward the context limit")
     p.add_argument("--tokenizer-ckpts", default="", help="ablations: label=path,... base+head checkpoints with other tokenizers")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0 = torch's default); 1 keeps ratios stable on a busy machine")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="inference dtype")
     p.add_argument("--json", default="", help="also write the results here as JSON")
     return p
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(fn, device, repeats=20, warmup=3):
@@ -75,10 +78,10 @@ def timed(fn, device, repeats=20, warmup=3):
         fn()
     times = []
     for _ in range(repeats):
-        sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         fn()
-        sync(device)
+        sync_device(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -88,10 +91,21 @@ def distinct_ngram_fraction(tokens, n=8):
     return len(set(grams)) / max(1, len(grams))
 
 
-def markdown_table(headers, rows):
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+def table(columns, records) -> str:
+    """A markdown table: one row per record, one cell per (header, format) column; the format
+    names record fields ("{tokens_per_cycle:.2f}") and a cell whose fields are None reads n/a."""
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for r in records:
+        cells = []
+        for _, fmt in columns:
+            fields = [name for _, name, _, _ in string.Formatter().parse(fmt) if name]
+            cells.append("n/a" if any(r.get(f) is None for f in fields) else fmt.format(**r))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def fmt_bytes(n) -> str:
+    return "0 B" if n == 0 else f"{n / 1024:,.1f} KiB" if n < 2**20 else f"{n / 2**20:,.2f} MiB"
 
 
 def val_prompts(data_dir, meta, n, length):
@@ -112,6 +126,10 @@ def val_prompts(data_dir, meta, n, length):
     return prompts
 
 
+def machine(device) -> str:
+    return f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Suite "ar": the KV cache against recomputing the prefix, and training throughput
 
@@ -124,21 +142,23 @@ def suite_ar(args, device):
         base = GPT(GPTConfig(n_layer=6, n_embd=256, n_head=8, n_kv_head=4, head_dim=32, mlp_hidden=768,
                              context_len=512)).to(device).eval()
     cfg = base.config
-    results = {"model_params": base.num_params(), "context_len": cfg.context_len}
     prompt = list(range(1, 9))
     n_new = cfg.context_len - len(prompt)
-    rows = []
     speeds = {"cache": [], "recompute": []}
     for _ in range(args.repeats):  # interleaved
         for name, use_cache in (("cache", True), ("recompute", False)):
             tokens, stats = generate(base, prompt, n_new, use_cache=use_cache)
             speeds[name].append(stats.new_tokens / stats.decode_seconds)
-    cache_tps, recompute_tps = statistics.median(speeds["cache"]), statistics.median(speeds["recompute"])
-    rows.append(["KV cache", f"{n_new}", f"{cache_tps:,.1f}", f"{cache_tps / recompute_tps:.1f}x"])
-    rows.append(["recompute prefix", f"{n_new}", f"{recompute_tps:,.1f}", "1.0x"])
-    results["decode_tokens_per_s"] = {"cache": cache_tps, "recompute": recompute_tps}
-    print(f"\n### AR decoding to {cfg.context_len} tokens ({base.num_params() / 1e6:.2f}M params, {device})\n")
-    print(markdown_table(["decoder", "new tokens", "tokens/s", "vs recompute"], rows))
+    records = [{"decoder": name, "new_tokens": n_new, "tokens_per_s": statistics.median(v),
+                "spread": spread(v)} for name, v in speeds.items()]
+    for r in records:
+        r["vs_recompute"] = r["tokens_per_s"] / records[1]["tokens_per_s"]
+    print(f"\n### AR decoding to {cfg.context_len} tokens ({base.num_params() / 1e6:.2f}M params, {machine(device)})\n")
+    print(table([("decoder", "{decoder}"), ("new tokens", "{new_tokens}"), ("tokens/s", "{tokens_per_s:,.1f}"),
+                 ("spread of repeats", "{spread:.0%}"), ("vs recompute", "{vs_recompute:.1f}x")], records))
+    warn_if_noisy({r["decoder"]: r["spread"] for r in records})
+    results = {"model_params": base.num_params(), "context_len": cfg.context_len,
+               "decode_tokens_per_s": {r["decoder"]: r["tokens_per_s"] for r in records}}
 
     # training throughput: forward + backward of the same model, the CPU preset's batch
     train_model = GPT(cfg).to(device).train()
@@ -149,10 +169,23 @@ def suite_ar(args, device):
         F.cross_entropy(logits.reshape(-1, cfg.vocab_size), idx[:, 1:].reshape(-1)).backward()
 
     t = timed(step, device, repeats=5, warmup=2)
-    tps = idx.size(0) * cfg.context_len / t
-    results["train_tokens_per_s"] = tps
-    print(f"\ntraining forward+backward (batch 4 x {cfg.context_len}, fp32): {tps:,.0f} tokens/s ({t:.2f} s/step)")
+    results["train_tokens_per_s"] = idx.size(0) * cfg.context_len / t
+    print(f"\ntraining forward+backward (batch 4 x {cfg.context_len}, fp32): "
+          f"{results['train_tokens_per_s']:,.0f} tokens/s ({t:.2f} s/step)")
     return results
+
+
+def spread(times) -> float:
+    """(slowest - fastest) / fastest over the repeats of one measurement."""
+    return (max(times) - min(times)) / min(times) if len(times) > 1 else 0.0
+
+
+def warn_if_noisy(spreads: dict):
+    noisy = {label: s for label, s in spreads.items() if s > SPREAD_WARNING}
+    if noisy:
+        worst = max(noisy, key=noisy.get)
+        print(f"\nwarning: the repeats disagree (up to {noisy[worst]:.0%} for {worst}): another process is probably "
+              f"using the CPU; ratios in this run are not trustworthy. Rerun on an idle machine (and with --threads 1).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,176 +196,191 @@ SAMPLING = dict(temperature=0.7, top_k=50)
 
 @dataclass
 class Method:
+    """One decoder of the base: plain AR (no drafter), or the base verifying a drafter's tokens.
+    cycle_seconds(costs, stats) is the time of one cycle's forward passes from measured pass
+    costs (it gives the ceiling column)."""
+
     label: str
-    kind: str  # "ar", "orthrus", "draft-model" or "prompt-lookup"
-    param: int = 0  # Orthrus' draft length K, or the drafter's gamma
-    denoise_steps: int = 1
+    make_drafter: Callable | None
+    cycle_seconds: Callable
+    param: int = 0  # Orthrus' K, or the drafter's gamma (for tables and JSON)
+
+    @property
+    def kind(self) -> str:
+        return "ar" if self.make_drafter is None else self.make_drafter().name
+
+    def decode(self, base, prompt, n_new, sampling):
+        if self.make_drafter is None:
+            return generate(base, prompt, n_new, sampling)
+        return generate_speculative(base, self.make_drafter(), prompt, n_new, sampling)
 
 
-class Contenders:
-    """Everything compared decodes the same base model: AR, Orthrus (base + head), the base with a
-    separate draft model, the base with prompt lookup."""
+def ar_method() -> Method:
+    return Method("AR (KV cache)", None, lambda costs, stats: costs.verify(1))
 
-    def __init__(self, base, head, draft_model, tokenizer, device):
-        self.base, self.head, self.draft_model = base, head, draft_model
-        self.orthrus = Orthrus(base, head)
-        self.tokenizer, self.device = tokenizer, device
 
-    def decode(self, m: Method, prompt, n_new, sampling: bool, seed: int = 0):
-        kw = dict(SAMPLING, generator=torch.Generator(device=self.device).manual_seed(seed)) if sampling else {}
-        if m.kind == "ar":
-            return generate(self.base, prompt, n_new, **kw)
-        if m.kind == "orthrus":
-            return generate_orthrus(self.orthrus, prompt, n_new, draft_len=m.param, denoise_steps=m.denoise_steps, **kw)
-        if m.kind == "draft-model":
-            drafter = DraftModelDrafter(self.draft_model, m.param, self.base.config)
-        else:
-            drafter = PromptLookupDrafter(m.param)
-        return generate_speculative(self.base, drafter, prompt, n_new, **kw)
+def orthrus_method(base, head, K, denoise_steps=1, label=None) -> Method:
+    return Method(label or f"Orthrus K={K}", lambda: DiffusionDrafter(base, head, K, denoise_steps),
+                  lambda costs, stats: denoise_steps * costs.orthrus_draft(head, K) + costs.verify(K), K)
 
-    def run(self, methods, prompts, n_new, sampling, repeats):
-        """Each method over all prompts, `repeats` times, interleaved (AR, m1, m2, ..., AR, m1, ...)
-        after a short warm-up of each. Returns {label: {"outs", "stats" (first repeat), "seconds" (median)}}."""
+
+def draft_model_method(base, draft_model, gamma) -> Method:
+    return Method(f"draft model gamma={gamma}", lambda: DraftModelDrafter(draft_model, gamma, base.config),
+                  lambda costs, stats: gamma * costs.draft_model_step(draft_model) + costs.verify(gamma + 1), gamma)
+
+
+def prompt_lookup_method(gamma) -> Method:
+    def cycle_seconds(costs, stats):  # the lookup itself is a string search, not a pass
+        drafted = sum(sum(s.drafted_per_cycle) for s in stats) / max(1, sum(s.cycles for s in stats))
+        return costs.verify(1 + round(drafted))
+
+    return Method(f"prompt lookup gamma={gamma}", lambda: PromptLookupDrafter(gamma), cycle_seconds, gamma)
+
+
+def run_methods(base, methods, prompts, n_new, sampling: bool, repeats, device):
+    """Each method over all prompts, `repeats` times, interleaved (m1, m2, ..., m1, m2, ...) after a
+    short warm-up of each. Returns {label: {"outs", "stats" (first repeat), "seconds" (median),
+    "spread"}}. Sampled runs seed prompt i's generator with i, so every repeat decodes the same."""
+    def settings(seed):
+        return Sampling(**SAMPLING, generator=torch.Generator(device=device).manual_seed(seed)) if sampling else GREEDY
+
+    for m in methods:
+        m.decode(base, prompts[0], 8, settings(0))
+    runs = {m.label: {"times": []} for m in methods}
+    for r in range(repeats):
         for m in methods:
-            self.decode(m, prompts[0], 8, sampling)
-        runs = {m.label: {"times": []} for m in methods}
-        for r in range(repeats):
-            for m in methods:
-                sync(self.device)
-                t0 = time.perf_counter()
-                done = [self.decode(m, p, n_new, sampling, seed=i) for i, p in enumerate(prompts)]
-                sync(self.device)
-                runs[m.label]["times"].append(time.perf_counter() - t0)
-                if r == 0:
-                    runs[m.label]["outs"], runs[m.label]["stats"] = (list(x) for x in zip(*done))
-        for run in runs.values():
-            run["seconds"] = statistics.median(run.pop("times"))
-        return runs
+            sync_device(device)
+            t0 = time.perf_counter()
+            done = [m.decode(base, p, n_new, settings(i)) for i, p in enumerate(prompts)]
+            sync_device(device)
+            runs[m.label]["times"].append(time.perf_counter() - t0)
+            if r == 0:
+                runs[m.label]["outs"], runs[m.label]["stats"] = (list(x) for x in zip(*done))
+    for run in runs.values():
+        times = run.pop("times")
+        run["seconds"], run["spread"] = statistics.median(times), spread(times)
+    return runs
 
 
 class PassCosts:
     """Median seconds of single forward passes at the context length reached mid-generation:
     these give each method's ceiling, tokens/cycle x t(AR step) / t(the cycle's passes)."""
 
-    def __init__(self, contenders: Contenders, prompt, n_new):
-        self.c = contenders
-        base = contenders.base
-        length = min(len(prompt) + n_new // 2, base.config.context_len - 1)
-        self.context = torch.tensor([(prompt * (1 + length // len(prompt)))[:length]], device=contenders.device)
+    def __init__(self, base, prompt, n_new, device):
+        self.base, self.device, self.prompt = base, device, prompt
+        self.length = len(prompt) + n_new // 2
         self.memo = {}
 
-    def _prefilled(self, model, extra):
-        cache = model.new_cache(extra=extra)
+    def _prefilled(self, model, block_len):
+        """A cache holding the context a block of block_len tokens is measured after (kept short
+        enough that the block stays inside the model's context)."""
+        length = min(self.length, model.config.context_len - block_len)
+        context = torch.tensor([(self.prompt * (1 + length // len(self.prompt)))[:length]], device=self.device)
+        cache = model.new_cache()
         with torch.no_grad():
-            model(self.context, cache)
+            model(context, cache)
         return cache
+
+    def _memo(self, key, make_fn):
+        if key not in self.memo:
+            self.memo[key] = timed(make_fn(), self.device)
+        return self.memo[key]
 
     def verify(self, K):
         """One K-token AR pass (K = 1: the AR step)."""
-        if ("verify", K) not in self.memo:
-            base = self.c.base
-            cache, block = self._prefilled(base, K), torch.ones(1, K, dtype=torch.long, device=self.c.device)
-            s = cache.length
+        def make():
+            cache, block = self._prefilled(self.base, K), torch.ones(1, K, dtype=torch.long, device=self.device)
+            length = cache.length
+            return torch.no_grad()(lambda: (self.base(block, cache, logits="all" if K > 1 else "last"), cache.crop(length)))
+        return self._memo(("verify", K), make)
 
-            @torch.no_grad()
-            def fn():
-                base(block, cache, logits="all" if K > 1 else "last")
-                cache.crop(s)
-
-            self.memo["verify", K] = timed(fn, self.c.device)
-        return self.memo["verify", K]
-
-    def orthrus_draft(self, K):
-        if ("draft", K) not in self.memo:
-            base, head = self.c.base, self.c.head
-            cache = self._prefilled(base, K)
-            block = torch.full((1, K), head.mask_id, device=self.c.device)
+    def orthrus_draft(self, head, K):
+        def make():
+            cache = self._prefilled(self.base, K)
+            block = torch.full((1, K), head.mask_id, dtype=torch.long, device=self.device)
             block[0, 0] = 1
-            self.memo["draft", K] = timed(torch.no_grad()(lambda: head.draft_logits(base, cache, block)), self.c.device)
-        return self.memo["draft", K]
+            return torch.no_grad()(lambda: head.draft_logits(self.base, cache, block))
+        return self._memo(("draft", id(head), K), make)
 
-    def draft_model_step(self):
-        if "dstep" not in self.memo:
-            model = self.c.draft_model
-            cache, one = self._prefilled(model, 1), torch.ones(1, 1, dtype=torch.long, device=self.c.device)
-            s = cache.length
-
-            @torch.no_grad()
-            def fn():
-                model(one, cache, logits="last")
-                cache.crop(s)
-
-            self.memo["dstep"] = timed(fn, self.c.device)
-        return self.memo["dstep"]
-
-    def cycle(self, m: Method, stats) -> float:
-        """Seconds of the forward passes of one cycle of method m."""
-        if m.kind == "ar":
-            return self.verify(1)
-        if m.kind == "orthrus":
-            return m.denoise_steps * self.orthrus_draft(m.param) + self.verify(m.param)
-        if m.kind == "draft-model":
-            return m.param * self.draft_model_step() + self.verify(m.param + 1)
-        drafted = sum(sum(s.drafted_per_cycle) for s in stats) / max(1, sum(s.cycles for s in stats))
-        return self.verify(1 + round(drafted))  # lookup itself is a string search: not a pass
+    def draft_model_step(self, model):
+        def make():
+            cache, one = self._prefilled(model, 1), torch.ones(1, 1, dtype=torch.long, device=self.device)
+            length = cache.length
+            return torch.no_grad()(lambda: (model(one, cache, logits="last"), cache.crop(length)))
+        return self._memo(("dstep", id(model)), make)
 
 
-def committed(stats) -> int:
-    return sum(sum(s.committed_per_cycle) for s in stats)
-
-
-def tokens_per_cycle(stats) -> float:
-    return committed(stats) / max(1, sum(s.cycles for s in stats))
-
-
-def acceptance_summary(stats) -> str:
-    """mean accepted drafts per cycle / share of cycles accepting none / share accepting all."""
-    acc = [a for s in stats for a in s.accepted_per_cycle]
+def method_record(m: Method, run, ar_run, costs: PassCosts, tokenizer, sampling: bool, end_positions: int) -> dict:
+    """Every figure the compare tables show for one method, computed once from its runs."""
+    stats, outs = run["stats"], run["outs"]
+    cycle_tokens = sum(s.cycle_tokens for s in stats)
+    cycles = sum(s.cycles for s in stats)
+    accepted = [a for s in stats for a in s.accepted_per_cycle]
     drafted = [d for s in stats for d in s.drafted_per_cycle]
-    if not acc:
-        return "-"
-    none = sum(a == 0 for a in acc) / len(acc)
-    full = sum(a == d > 0 for a, d in zip(acc, drafted)) / len(acc)
-    return f"{statistics.mean(acc):.2f} / {100 * none:.0f}% / {100 * full:.0f}%"
+    drafter = m.make_drafter() if m.make_drafter else None
+    new = sum(len(o) for o in outs)
+    tpc = cycle_tokens / max(1, cycles)
+    return {
+        "label": m.label, "kind": m.kind, "param": m.param,
+        "tokens_per_cycle": tpc, "cycles": cycles, "forward_passes": sum(s.forward_passes for s in stats),
+        "tokens_per_forward": cycle_tokens / max(1, sum(s.forward_passes for s in stats)),
+        "accepted_mean": statistics.mean(accepted) if drafter else None,
+        "accepted_none": sum(a == 0 for a in accepted) / len(accepted) if drafter else None,
+        "accepted_all": sum(a == d > 0 for a, d in zip(accepted, drafted)) / len(accepted) if drafter else None,
+        "tokens_per_s": new / run["seconds"],
+        "chars_per_s": sum(len(tokenizer.decode(o)) for o in outs) / run["seconds"],
+        "speedup": ar_run["seconds"] / run["seconds"],
+        "spread": run["spread"],
+        "ceiling": tpc * costs.verify(1) / m.cycle_seconds(costs, stats),
+        "cycle_pass_ms": 1000 * m.cycle_seconds(costs, stats),
+        "extra_params": drafter.extra_params() if drafter else 0,
+        "extra_persistent_bytes": drafter.persistent_bytes(end_positions) if drafter else 0,
+        "transient_bytes": drafter.transient_bytes() if drafter else 0,
+        "distinct8": statistics.mean(distinct_ngram_fraction(o) for o in outs),
+        "identical": None if sampling else sum(o == a for o, a in zip(outs, ar_run["outs"])),
+        "prompts": len(outs),
+    }
 
 
-def fmt_bytes(n) -> str:
-    return "0 B" if n == 0 else f"{n / 1024:,.1f} KiB" if n < 2**20 else f"{n / 2**20:,.2f} MiB"
+COMPARE_COLUMNS = [
+    ("method", "{label}"), ("tokens/cycle", "{tokens_per_cycle:.2f}"), ("tokens/forward", "{tokens_per_forward:.2f}"),
+    ("accepted mean / none / all", "{accepted_mean:.2f} / {accepted_none:.0%} / {accepted_all:.0%}"),
+    ("tokens/s", "{tokens_per_s:,.0f}"), ("chars/s", "{chars_per_s:,.0f}"),
+    ("speedup vs AR (spread)", "{speedup:.2f}x ({spread:.0%})"), ("ceiling", "{ceiling:.2f}x"),
+    ("extra params", "{extra_params:,}"), ("extra persistent memory", "{extra_persistent_memory}"),
+    ("distinct-8", "{distinct8:.2f}"), ("identical to AR", "{identical}/{prompts}"),
+]
 
 
-def load_contenders(args, device):
-    """The checkpoint's base + head, the optional draft model (same tokenizer), the val prompts."""
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    if not args.ckpt:
-        raise UserError(f"--suite {args.suite} needs --ckpt PATH of a base+head checkpoint (train.py --stage head)")
-    ckpt = load_checkpoint(args.ckpt)
-    base, head = load_model(ckpt, device, dtype)
-    if head is None:
-        raise UserError(f"{args.ckpt} has no diffusion head; train one with `python train.py --stage head`")
-    draft_model = None
-    if args.draft_ckpt:
-        dckpt = load_checkpoint(args.draft_ckpt)
-        if dckpt["tokenizer"] != ckpt["tokenizer"]:
-            raise UserError(f"the draft model {args.draft_ckpt} uses another tokenizer ({dckpt['tokenizer']['kind']}, "
-                            f"vocab {dckpt['tokenizer']['vocab_size']}) than the base ({ckpt['tokenizer']['kind']}, "
-                            f"vocab {ckpt['tokenizer']['vocab_size']}): train it on the same --data-dir")
-        draft_model, _ = load_model(dckpt, device, dtype)
-        try:
-            DraftModelDrafter(draft_model, 1, base.config)
-        except ValueError as e:
-            raise UserError(f"--draft-ckpt {args.draft_ckpt}: {e}") from None
-    data_dir = args.data_dir or ckpt["data_dir"]
-    meta_path = os.path.join(data_dir, "meta.json")
-    if not os.path.exists(meta_path):
-        raise UserError(f"no {meta_path}: the val prompts come from prepared data; pass --data-dir")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    tokenizer = load_ckpt_tokenizer(ckpt)
-    if args.prompt_len + args.max_new_tokens > base.config.context_len:
-        raise UserError(f"--prompt-len {args.prompt_len} + --max-new-tokens {args.max_new_tokens} exceeds the "
-                        f"model's context of {base.config.context_len} tokens; shorten one of them")
-    prompts = val_prompts(data_dir, meta, args.num_prompts, args.prompt_len)
-    return Contenders(base, head, draft_model, tokenizer, device), ckpt, meta, data_dir, prompts
+class Bench:
+    """What every suite decodes with: the checkpoint's base + head, the optional draft model
+    (same tokenizer), the tokenizer and the held-out val prompts."""
+
+    def __init__(self, args, device):
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+        if not args.ckpt:
+            raise UserError(f"--suite {args.suite} needs --ckpt PATH of a base+head checkpoint (train.py --stage head)")
+        self.ckpt = load_checkpoint(args.ckpt)
+        self.base, self.head = load_model(self.ckpt, device, dtype)
+        if self.head is None:
+            raise UserError(f"{args.ckpt} has no diffusion head; train one with `python train.py --stage head`")
+        self.draft_model = None
+        if args.draft_ckpt:
+            dckpt = load_checkpoint(args.draft_ckpt)
+            if dckpt["tokenizer"] != self.ckpt["tokenizer"]:
+                raise UserError(f"the draft model {args.draft_ckpt} uses another tokenizer ({dckpt['tokenizer']['kind']}, "
+                                f"vocab {dckpt['tokenizer']['vocab_size']}) than the base ({self.ckpt['tokenizer']['kind']}, "
+                                f"vocab {self.ckpt['tokenizer']['vocab_size']}): train it on the same --data-dir")
+            self.draft_model, _ = load_model(dckpt, device, dtype)
+            DraftModelDrafter(self.draft_model, 1, self.base.config)  # vocabulary and context checks
+        self.data_dir = args.data_dir or self.ckpt["data_dir"]
+        self.meta = read_data_meta(self.data_dir)
+        self.tokenizer = load_ckpt_tokenizer(self.ckpt)
+        if args.prompt_len + args.max_new_tokens > self.base.config.context_len:
+            raise UserError(f"--prompt-len {args.prompt_len} + --max-new-tokens {args.max_new_tokens} exceeds the "
+                            f"model's context of {self.base.config.context_len} tokens; shorten one of them")
+        self.prompts = val_prompts(self.data_dir, self.meta, args.num_prompts, args.prompt_len)
+        self.device = device
 
 
 def int_list(text, flag, minimum):
@@ -345,105 +393,75 @@ def int_list(text, flag, minimum):
     return values
 
 
-def compare_methods(args, contenders):
-    Ks = int_list(args.draft_lens, "--draft-lens", 2)
-    methods = [Method("AR (KV cache)", "ar")] + [Method(f"Orthrus K={K}", "orthrus", K) for K in Ks]
-    if contenders.draft_model is not None:
-        methods += [Method(f"draft model gamma={g}", "draft-model", g)
-                    for g in int_list(args.gammas, "--gammas", 1)]
-    methods += [Method(f"prompt lookup gamma={g}", "prompt-lookup", g)
-                for g in int_list(args.lookup_gammas, "--lookup-gammas", 1)]
-    unknown = set(args.methods.split(",")) - {"ar", "orthrus", "draft-model", "prompt-lookup"}
+def names_list(text, flag, allowed):
+    names = [n for n in text.split(",") if n]
+    unknown = sorted(set(names) - set(allowed))
     if unknown:
-        raise UserError(f"unknown --methods {sorted(unknown)}: choose from ar, orthrus, draft-model, prompt-lookup")
-    return [m for m in methods if m.kind == "ar" or m.kind in args.methods.split(",")]
+        raise UserError(f"unknown {flag} {unknown}: choose from {', '.join(allowed)}")
+    return names
+
+
+def compare_methods(args, bench: Bench):
+    kinds = names_list(args.methods, "--methods", ("ar", "orthrus", "draft-model", "prompt-lookup"))
+    methods = [ar_method()]
+    if "orthrus" in kinds:
+        methods += [orthrus_method(bench.base, bench.head, K) for K in int_list(args.draft_lens, "--draft-lens", 2)]
+    if "draft-model" in kinds and bench.draft_model is not None:
+        methods += [draft_model_method(bench.base, bench.draft_model, g) for g in int_list(args.gammas, "--gammas", 1)]
+    if "prompt-lookup" in kinds:
+        methods += [prompt_lookup_method(g) for g in int_list(args.lookup_gammas, "--lookup-gammas", 1)]
+    return methods
 
 
 def suite_compare(args, device):
-    contenders, ckpt, meta, data_dir, prompts = load_contenders(args, device)
-    base, head, tok = contenders.base, contenders.head, contenders.tokenizer
-    methods = compare_methods(args, contenders)
+    bench = Bench(args, device)
+    base, head, prompts = bench.base, bench.head, bench.prompts
+    methods = compare_methods(args, bench)
+    modes = names_list(args.modes, "--modes", ("greedy", "sampling"))
     n_new = args.max_new_tokens
     n_head = sum(p.numel() for p in head.parameters())
     results = {"machine": machine(device), "prompts": len(prompts), "prompt_len": args.prompt_len,
                "max_new_tokens": n_new, "base_params": base.num_params(), "head_params": n_head,
-               "trainable_fraction": n_head / (n_head + base.num_params()), "tokenizer": tok.kind}
-    costs = PassCosts(contenders, prompts[0], n_new)
-    end_positions = args.prompt_len + n_new
+               "trainable_fraction": n_head / (n_head + base.num_params()), "tokenizer": bench.tokenizer.kind}
+    costs = PassCosts(base, prompts[0], n_new, device)
 
-    def extra(m):
-        if m.kind == "orthrus":
-            return f"{n_head / 1e6:.2f}M", "0 B", 0
-        if m.kind == "draft-model":
-            d = DraftModelDrafter(contenders.draft_model, m.param)
-            return f"{d.extra_params() / 1e6:.2f}M", fmt_bytes(d.persistent_bytes(end_positions)), d.persistent_bytes(end_positions)
-        return "0", "0 B", 0
-
-    for mode in args.modes.split(","):
-        if mode not in ("greedy", "sampling"):
-            raise UserError(f"unknown --modes entry {mode!r}: use greedy, sampling or both")
+    for mode in modes:
         sampling = mode == "sampling"
-        runs = contenders.run(methods, prompts, n_new, sampling, args.repeats)
-        ar = runs[methods[0].label]
-        rows, results[mode] = [], {}
-        for m in methods:
-            run = runs[m.label]
-            stats, outs = run["stats"], run["outs"]
-            new = sum(len(o) for o in outs)
-            chars = sum(len(tok.decode(o)) for o in outs)
-            tpc = tokens_per_cycle(stats)
-            forwards = sum(s.forward_passes for s in stats)
-            ceiling = tpc * costs.verify(1) / costs.cycle(m, stats)
-            speedup = ar["seconds"] / run["seconds"]
-            identical = sum(o == a for o, a in zip(outs, ar["outs"])) if not sampling else None
-            distinct = statistics.mean(distinct_ngram_fraction(o) for o in outs)
-            params, memory, memory_bytes = extra(m)
-            rows.append([m.label, f"{tpc:.2f}", f"{committed(stats) / max(1, forwards):.2f}",
-                         acceptance_summary(stats) if m.kind != "ar" else "-", f"{new / run['seconds']:,.0f}",
-                         f"{chars / run['seconds']:,.0f}", f"{speedup:.2f}x", f"{ceiling:.2f}x", params, memory,
-                         f"{distinct:.2f}", f"{identical}/{len(prompts)}" if identical is not None else "n/a"])
-            results[mode][m.label] = {
-                "kind": m.kind, "param": m.param, "tokens_per_cycle": tpc,
-                "tokens_per_forward": committed(stats) / max(1, forwards), "tokens_per_s": new / run["seconds"],
-                "chars_per_s": chars / run["seconds"], "speedup": speedup, "ceiling": ceiling,
-                "extra_persistent_bytes": memory_bytes, "distinct8": distinct, "identical": identical,
-                "cycle_pass_ms": 1000 * costs.cycle(m, stats)}
-            if m.kind == "orthrus" and not sampling:
-                loops = [distinct_ngram_fraction(a) < args.loop_threshold for a in ar["outs"]]
+        runs = run_methods(base, methods, prompts, n_new, sampling, args.repeats, device)
+        ar_run = runs[methods[0].label]
+        records = [method_record(m, runs[m.label], ar_run, costs, bench.tokenizer, sampling, args.prompt_len + n_new)
+                   for m in methods]
+        loops = [distinct_ngram_fraction(a) < args.loop_threshold for a in ar_run["outs"]]
+        for m, r in zip(methods, records):
+            r["extra_persistent_memory"] = fmt_bytes(r["extra_persistent_bytes"])
+            if r["kind"] == "orthrus" and not sampling:  # looping vs non-looping prompts, apart
                 for which, keep in (("looping", True), ("nonlooping", False)):
-                    chosen = [s for s, lp in zip(stats, loops) if lp == keep]
-                    results[mode][m.label][f"tokens_per_cycle_{which}"] = tokens_per_cycle(chosen) if chosen else None
-                    results[mode][m.label][f"n_{which}"] = len(chosen)
+                    chosen = [s for s, lp in zip(runs[m.label]["stats"], loops) if lp == keep]
+                    r[f"n_{which}"] = len(chosen)
+                    r[f"tokens_per_cycle_{which}"] = (sum(s.cycle_tokens for s in chosen) / max(1, sum(s.cycles for s in chosen))
+                                                      if chosen else None)
+        results[mode] = {r["label"]: r for r in records}
         title = "Greedy" if not sampling else f"Sampling (temperature {SAMPLING['temperature']}, top-k {SAMPLING['top_k']})"
         print(f"\n### {title}: {len(prompts)} held-out val prompts x {n_new} new tokens ({results['machine']})\n")
-        print(markdown_table(["method", "tokens/cycle", "tokens/forward", "accepted mean / none / all", "tokens/s",
-                              "chars/s", "speedup vs AR", "ceiling", "extra params", "extra persistent memory",
-                              "distinct-8", "identical to AR"], rows))
+        print(table(COMPARE_COLUMNS, records))
+        warn_if_noisy({r["label"]: r["spread"] for r in records})
 
-    # Orthrus in detail (greedy): looping vs non-looping prompts, pass costs, transient memory
-    if "greedy" in results:
-        drows = []
-        for m in methods:
-            if m.kind != "orthrus":
-                continue
-            r = results["greedy"][m.label]
-            split = [f"{r[f'tokens_per_cycle_{w}']:.2f} ({r[f'n_{w}']})" if r[f"n_{w}"] else "- (0)"
-                     for w in ("nonlooping", "looping")]
-            drows.append([m.param, *split, f"{1000 * costs.orthrus_draft(m.param):.2f} / {1000 * costs.verify(m.param):.2f}",
-                          fmt_bytes(transient_draft_bytes(base.config, m.param, contenders.base.lm_head.weight.dtype))])
-        print(f"\n### Orthrus detail (greedy): AR 1-token step {1000 * costs.verify(1):.2f} ms; head "
-              f"{n_head / 1e6:.2f}M parameters = {100 * results['trainable_fraction']:.1f}% of base+head\n")
-        print(markdown_table(["K", "tokens/cycle, non-looping (n)", "looping (n)", "draft / verify pass ms",
-                              "transient K/V of one draft block"], drows))
+    if "greedy" in results:  # Orthrus in detail: looping vs non-looping prompts, pass costs, transient memory
+        detail = [dict(r, draft_ms=1000 * costs.orthrus_draft(head, r["param"]), verify_ms=1000 * costs.verify(r["param"]),
+                       transient=fmt_bytes(r["transient_bytes"]))
+                  for r in results["greedy"].values() if r["kind"] == "orthrus"]
         results["t_step_ms"] = 1000 * costs.verify(1)
+        print(f"\n### Orthrus detail (greedy): AR 1-token step {results['t_step_ms']:.2f} ms; head "
+              f"{n_head / 1e6:.2f}M parameters = {100 * results['trainable_fraction']:.1f}% of base+head\n")
+        print(table([("K", "{param}"), ("tokens/cycle, non-looping (n)", "{tokens_per_cycle_nonlooping:.2f} ({n_nonlooping})"),
+                     ("looping (n)", "{tokens_per_cycle_looping:.2f} ({n_looping})"),
+                     ("draft / verify pass ms", "{draft_ms:.2f} / {verify_ms:.2f}"),
+                     ("transient K/V of one draft block", "{transient}")], detail))
     print("\ntokens/cycle = committed tokens per verify pass of the base (one per cycle); tokens/forward counts "
           "every forward pass: Orthrus draft + verify, draft model gamma steps of the small model + verify, "
-          f"prompt lookup verify only. distinct-8 < {args.loop_threshold} = looping text.")
+          f"prompt lookup verify only. distinct-8 < {args.loop_threshold} = looping text. spread = (slowest - fastest) "
+          "/ fastest over the repeats.")
     return results
-
-
-def machine(device) -> str:
-    return f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,97 +476,96 @@ def labelled_paths(text, flag):
 
 
 def suite_ablations(args, device):
-    contenders, ckpt, meta, data_dir, prompts = load_contenders(args, device)
-    base = contenders.base
-    K = args.ablation_k
-    which = args.ablations.split(",")
-    unknown = set(which) - {"denoise", "heads", "prompt-length", "memory", "tokenizer"}
-    if unknown:
-        raise UserError(f"unknown --ablations {sorted(unknown)}: choose from denoise, heads, prompt-length, memory, tokenizer")
+    bench = Bench(args, device)
+    base, head, prompts = bench.base, bench.head, bench.prompts
+    K, n_new = args.ablation_k, args.max_new_tokens
+    which = names_list(args.ablations, "--ablations", ("denoise", "heads", "prompt-length", "memory", "tokenizer"))
     results = {"machine": machine(device), "K": K}
-    n_new = args.max_new_tokens
 
     if "denoise" in which:
-        methods = [Method("AR (KV cache)", "ar")] + [Method(f"{s} step(s)", "orthrus", K, s) for s in (1, 2, 4)]
-        runs = contenders.run(methods, prompts, n_new, False, args.repeats)
-        rows, results["denoise"] = [], {}
-        for m in methods[1:]:
+        methods = [ar_method()] + [orthrus_method(base, head, K, steps, f"{steps} step(s)") for steps in (1, 2, 4)]
+        runs = run_methods(base, methods, prompts, n_new, False, args.repeats, device)
+        ar_run = runs[methods[0].label]
+        records = []
+        for steps, m in zip((1, 2, 4), methods[1:]):
             stats = runs[m.label]["stats"]
-            tpf = committed(stats) / sum(s.forward_passes for s in stats)
-            speedup = runs[methods[0].label]["seconds"] / runs[m.label]["seconds"]
-            same = sum(o == a for o, a in zip(runs[m.label]["outs"], runs[methods[0].label]["outs"]))
-            rows.append([m.denoise_steps, f"{tokens_per_cycle(stats):.2f}", f"{tpf:.2f}", f"{speedup:.2f}x", f"{same}/{len(prompts)}"])
-            results["denoise"][m.denoise_steps] = {"tokens_per_cycle": tokens_per_cycle(stats), "tokens_per_forward": tpf,
-                                                   "speedup": speedup}
+            records.append({"steps": steps, "tokens_per_cycle": sum(s.cycle_tokens for s in stats) / sum(s.cycles for s in stats),
+                            "tokens_per_forward": sum(s.cycle_tokens for s in stats) / sum(s.forward_passes for s in stats),
+                            "speedup": ar_run["seconds"] / runs[m.label]["seconds"], "spread": runs[m.label]["spread"],
+                            "identical": sum(o == a for o, a in zip(runs[m.label]["outs"], ar_run["outs"])),
+                            "prompts": len(prompts)})
+        results["denoise"] = {r["steps"]: r for r in records}
         print(f"\n### Denoising steps per draft (Orthrus K={K}, greedy, {len(prompts)} prompts x {n_new} tokens)\n")
-        print(markdown_table(["denoising steps", "tokens/cycle", "tokens/forward (draft passes + verify)",
-                              "speedup vs AR", "identical to AR"], rows))
+        print(table([("denoising steps", "{steps}"), ("tokens/cycle", "{tokens_per_cycle:.2f}"),
+                     ("tokens/forward (draft passes + verify)", "{tokens_per_forward:.2f}"),
+                     ("speedup vs AR (spread)", "{speedup:.2f}x ({spread:.0%})"),
+                     ("identical to AR", "{identical}/{prompts}")], records))
 
     if "heads" in which and args.heads:
-        rows, results["heads"] = [], {}
         Ks = int_list(args.draft_lens, "--draft-lens", 2)
+        records = []
         for label, path in labelled_paths(args.heads, "--heads"):
             hckpt = load_checkpoint(path)
-            if hckpt.get("base_sha256") not in (ckpt["base_sha256"], ckpt.get("exported_from_sha256")):
+            if hckpt.get("base_sha256") not in (bench.ckpt["base_sha256"], bench.ckpt.get("exported_from_sha256")):
                 raise UserError(f"--heads {label}={path} was trained on another base than --ckpt: "
                                 "an ablation must compare heads of one base")
             _, other = load_model(hckpt, device, base.lm_head.weight.dtype)
-            variant = Contenders(base, other, None, contenders.tokenizer, device)
-            row, results["heads"][label] = [label, hckpt["train_config"].get("loss", "?"),
-                                            hckpt["train_config"].get("teacher_data", "?"), hckpt.get("step", "?")], {}
+            record = {"head": label, "loss": hckpt["train_config"].get("loss", "?"),
+                      "teacher_data": hckpt["train_config"].get("teacher_data", "?"), "step": hckpt.get("step", "?")}
             for mode in ("greedy", "sampling"):
                 for k in Ks:
-                    stats = [variant.decode(Method("", "orthrus", k), p, n_new, mode == "sampling", i)[1]
-                             for i, p in enumerate(prompts)]
-                    row.append(f"{tokens_per_cycle(stats):.2f}")
-                    results["heads"][label][f"{mode}_K{k}"] = tokens_per_cycle(stats)
-            rows.append(row)
+                    runs = run_methods(base, [orthrus_method(base, other, k)], prompts, n_new, mode == "sampling", 1, device)
+                    stats = next(iter(runs.values()))["stats"]
+                    record[f"{mode}_K{k}"] = sum(s.cycle_tokens for s in stats) / sum(s.cycles for s in stats)
+            records.append(record)
+        results["heads"] = {r["head"]: r for r in records}
         print(f"\n### Head training variants: tokens/cycle on the same base and prompts ({n_new} new tokens)\n")
-        print(markdown_table(["head", "loss", "teacher data", "steps"] + [f"{mode} K={k}" for mode in ("greedy", "sampling")
-                                                                          for k in Ks], rows))
+        print(table([("head", "{head}"), ("loss", "{loss}"), ("teacher data", "{teacher_data}"), ("steps", "{step}")]
+                    + [(f"{mode} K={k}", f"{{{mode}_K{k}:.2f}}") for mode in ("greedy", "sampling") for k in Ks], records))
 
     if "prompt-length" in which:
-        rows, results["prompt_length"] = [], {}
-        ctx = base.config.context_len
-        new = min(64, n_new)
+        ctx, new = base.config.context_len, min(64, n_new)
+        methods = [ar_method(), orthrus_method(base, head, K)]
+        records = []
         for length in int_list(args.prompt_lens, "--prompt-lens", 1):
             if length + new > ctx:
                 continue
-            ps = val_prompts(data_dir, meta, args.num_prompts, length)
-            methods = [Method("AR (KV cache)", "ar"), Method(f"Orthrus K={K}", "orthrus", K)]
-            runs = contenders.run(methods, ps, new, False, args.repeats)
-            ar, orth = runs[methods[0].label], runs[methods[1].label]
-            total = sum(len(o) for o in ar["outs"])
-            tpc = tokens_per_cycle(orth["stats"])
-            rows.append([length, f"{total / ar['seconds']:,.0f}", f"{total / orth['seconds']:,.0f}",
-                         f"{ar['seconds'] / orth['seconds']:.2f}x", f"{tpc:.2f}"])
-            results["prompt_length"][length] = {"ar_tokens_per_s": total / ar["seconds"],
-                                                "orthrus_tokens_per_s": total / orth["seconds"], "tokens_per_cycle": tpc}
+            ps = val_prompts(bench.data_dir, bench.meta, args.num_prompts, length)
+            runs = run_methods(base, methods, ps, new, False, args.repeats, device)
+            ar_run, o_run = runs[methods[0].label], runs[methods[1].label]
+            total = sum(len(o) for o in ar_run["outs"])
+            records.append({"prompt_tokens": length, "ar_tokens_per_s": total / ar_run["seconds"],
+                            "orthrus_tokens_per_s": total / o_run["seconds"], "speedup": ar_run["seconds"] / o_run["seconds"],
+                            "tokens_per_cycle": sum(s.cycle_tokens for s in o_run["stats"]) / sum(s.cycles for s in o_run["stats"])})
+        results["prompt_length"] = {r["prompt_tokens"]: r for r in records}
         print(f"\n### Prompt length toward the context limit ({ctx}): {new} new tokens, Orthrus K={K}, greedy\n")
-        print(markdown_table(["prompt tokens", "AR tokens/s", "Orthrus tokens/s", "speedup", "tokens/cycle"], rows))
+        print(table([("prompt tokens", "{prompt_tokens}"), ("AR tokens/s", "{ar_tokens_per_s:,.0f}"),
+                     ("Orthrus tokens/s", "{orthrus_tokens_per_s:,.0f}"), ("speedup", "{speedup:.2f}x"),
+                     ("tokens/cycle", "{tokens_per_cycle:.2f}")], records))
 
     if "memory" in which:
-        rows, results["memory"] = [], {}
-        dtype = base.lm_head.weight.dtype
-        drafter = DraftModelDrafter(contenders.draft_model, 1) if contenders.draft_model is not None else None
-        cfg = base.config
-        per_pos = cfg.n_layer * 2 * cfg.n_kv_head * cfg.head_dim * base.lm_head.weight.element_size()
+        cfg, dtype = base.config, base.lm_head.weight.dtype
+        transient = DiffusionDrafter(base, head, K).transient_bytes()
+        drafter = DraftModelDrafter(bench.draft_model, 1) if bench.draft_model is not None else None
+        records = []
         for n in sorted({64, 128, 256, cfg.context_len // 2, cfg.context_len, 4 * cfg.context_len, 32 * cfg.context_len}):
-            draft_bytes = drafter.persistent_bytes(n) if drafter else None
-            rows.append([n, fmt_bytes(per_pos * n), "0 B", fmt_bytes(transient_draft_bytes(cfg, K, dtype)),
-                         fmt_bytes(draft_bytes) if drafter else "(no --draft-ckpt)"])
-            results["memory"][n] = {"base_kv": per_pos * n, "orthrus_transient": transient_draft_bytes(cfg, K, dtype),
-                                    "draft_model_kv": draft_bytes}
+            draft_kv = drafter.persistent_bytes(n) if drafter else None
+            records.append({"context": n, "base_kv": kv_bytes(cfg, n, dtype), "orthrus_transient": transient,
+                            "draft_model_kv": draft_kv, "base_kv_text": fmt_bytes(kv_bytes(cfg, n, dtype)),
+                            "transient_text": fmt_bytes(transient),
+                            "draft_text": fmt_bytes(draft_kv) if drafter else "(no --draft-ckpt)"})
+        results["memory"] = {r["context"]: r for r in records}
         print(f"\n### Memory beyond the base model's own KV cache, by context length (bytes of K/V, {dtype}; "
               f"rows past {cfg.context_len} are the same formula at longer contexts)\n")
-        print(markdown_table(["context tokens", "base KV cache (both)", "Orthrus extra persistent",
-                              f"Orthrus transient (one K={K} block)", "draft model's KV cache (persistent)"], rows))
+        print(table([("context tokens", "{context}"), ("base KV cache (both)", "{base_kv_text}"),
+                     ("Orthrus extra persistent", "0 B"), (f"Orthrus transient (one K={K} block)", "{transient_text}"),
+                     ("draft model's KV cache (persistent)", "{draft_text}")], records))
 
     if "tokenizer" in which and args.tokenizer_ckpts:
-        texts = [contenders.tokenizer.decode(p) for p in prompts]
+        texts = [bench.tokenizer.decode(p) for p in prompts]
         # every model generates about as many characters as n_new tokens of the main checkpoint
         chars_wanted = n_new * sum(map(len, texts)) / sum(map(len, prompts))
-        rows, results["tokenizer"] = [], {}
+        records = []
         for label, path in labelled_paths(args.tokenizer_ckpts, "--tokenizer-ckpts"):
             tckpt = load_checkpoint(path)
             tbase, thead = load_model(tckpt, device, base.lm_head.weight.dtype)
@@ -558,28 +575,31 @@ def suite_ablations(args, device):
             encoded = [ttok.encode(t) for t in texts]
             chars_per_token = sum(map(len, texts)) / sum(map(len, encoded))
             t_new = max(8, round(chars_wanted / chars_per_token))
-            variant = Contenders(tbase, thead, None, ttok, device)
-            methods = [Method("AR", "ar"), Method("Orthrus", "orthrus", K)]
-            runs = variant.run(methods, encoded, t_new, False, args.repeats)
-            chars = {m.label: sum(len(ttok.decode(o)) for o in runs[m.label]["outs"]) / runs[m.label]["seconds"] for m in methods}
-            tpc = tokens_per_cycle(runs["Orthrus"]["stats"])
-            rows.append([label, ttok.kind, ttok.vocab_size, f"{chars_per_token:.2f}", f"{chars['AR']:,.0f}",
-                         f"{chars['Orthrus']:,.0f}", f"{chars['Orthrus'] / chars['AR']:.2f}x", f"{tpc:.2f}",
-                         f"{tpc * chars_per_token:.2f}"])
-            results["tokenizer"][label] = {"chars_per_token": chars_per_token, "ar_chars_per_s": chars["AR"],
-                                           "orthrus_chars_per_s": chars["Orthrus"], "tokens_per_cycle": tpc}
+            methods = [ar_method(), orthrus_method(tbase, thead, K)]
+            runs = run_methods(tbase, methods, encoded, t_new, False, args.repeats, device)
+            chars = [sum(len(ttok.decode(o)) for o in runs[m.label]["outs"]) / runs[m.label]["seconds"] for m in methods]
+            o_stats = runs[methods[1].label]["stats"]
+            tpc = sum(s.cycle_tokens for s in o_stats) / sum(s.cycles for s in o_stats)
+            records.append({"model": label, "tokenizer": ttok.kind, "vocab": ttok.vocab_size,
+                            "chars_per_token": chars_per_token, "ar_chars_per_s": chars[0], "orthrus_chars_per_s": chars[1],
+                            "speedup": chars[1] / chars[0], "tokens_per_cycle": tpc, "chars_per_cycle": tpc * chars_per_token})
+        results["tokenizer"] = {r["model"]: r for r in records}
         print(f"\n### Tokenizers: characters per second (the fair unit), Orthrus K={K}, greedy, ~{chars_wanted:.0f} chars per prompt\n")
-        print(markdown_table(["model", "tokenizer", "vocab", "chars/token (prompts)", "AR chars/s", "Orthrus chars/s",
-                              "speedup", "tokens/cycle", "chars/cycle"], rows))
+        print(table([("model", "{model}"), ("tokenizer", "{tokenizer}"), ("vocab", "{vocab}"),
+                     ("chars/token (prompts)", "{chars_per_token:.2f}"), ("AR chars/s", "{ar_chars_per_s:,.0f}"),
+                     ("Orthrus chars/s", "{orthrus_chars_per_s:,.0f}"), ("speedup", "{speedup:.2f}x"),
+                     ("tokens/cycle", "{tokens_per_cycle:.2f}"), ("chars/cycle", "{chars_per_cycle:.2f}")], records))
     return results
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    for name in ("num_prompts", "prompt_len", "max_new_tokens", "repeats", "ablation_k", "threads"):
+        minimum = {"ablation_k": 2, "threads": 0}.get(name, 1)
+        if getattr(args, name) < minimum:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(args, name)}")
     device = pick_device(args.device)
-    for name in ("num_prompts", "prompt_len", "max_new_tokens", "repeats", "ablation_k"):
-        if getattr(args, name) < (2 if name == "ablation_k" else 1):
-            raise UserError(f"--{name.replace('_', '-')} must be >= {2 if name == 'ablation_k' else 1}, got {getattr(args, name)}")
+    set_threads(args.threads)
     suite = {"ar": suite_ar, "compare": suite_compare, "ablations": suite_ablations}[args.suite]
     results = suite(args, device)
     if args.json:

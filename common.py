@@ -359,3 +359,25 @@ def load_ckpt_tokenizer(ckpt: dict):
     except (ValueError, OSError) as e:  # tokenizer.py's errors: a foreign sentencepiece model, no tiktoken file
         raise UserError(f"the checkpoint's tokenizer cannot be rebuilt ({_summary(e, 160)})") from None
 
+
+# ---------------------------------------------------------------------------------------------
+# Runtime
+
+
+def set_threads(n: int):
+    """Use n CPU threads for torch (0 leaves torch's default: all cores). Decoding a small model
+    gains little from a second thread, and two OpenMP threads collapse ~10x whenever another
+    process keeps a core busy, so the decoding scripts default to 1."""
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def read_data_meta(data_dir: str) -> dict:
+    """meta.json of a folder written by data/prepare.py (the one place it is read)."""
+    import json
+
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise UserError(f"no {path}: run `python data/prepare.py` first (or pass --data-dir)")
+    with open(path) as f:
+        return json.load(f)

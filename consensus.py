@@ -1,5 +1,5 @@
 """
-Consensus: the verifier that makes Orthrus lossless (paper, "Verify pass (consensus)").
+Consensus: the verifier that makes Orthrus lossless (arXiv 2605.12825; docs/method.md, "Verify pass").
 
 A few small pure functions on tensors. They know nothing about models, caches or how the drafts
 were made, so they verify any drafter: the diffusion view, a draft GPT, prompt lookup.
@@ -23,7 +23,7 @@ the token greedy AR decoding would emit after the same committed prefix (the pre
 conditioned on consists of committed tokens or accepted drafts, which equal greedy AR's). The
 next token is target_argmax[n_accepted], the AR argmax after the accepted prefix: again greedy
 AR's next token. So the committed sequence equals greedy AR token for token (in exact
-arithmetic; in bf16 a K-token verify pass can flip near-ties, see PAPER.md "Known pitfalls").
+arithmetic; in bf16 a K-token verify pass can flip near-ties, see docs/method.md "Known pitfalls").
 
 Sampling (speculative sampling, Leviathan et al. 2023; Chen et al. 2023). Fix one position,
 with target p_target and draft p_draft (rows of the arrays above). The draft x ~ p_draft is
@@ -53,7 +53,7 @@ p_draft(x) is always accepted; a rejection therefore needs p_draft(x) > p_target
 arithmetic (in floating point, only when the rows' sums differ by rounding, so with
 probability of order 1e-7 in float32). This is unlike a tolerance test such as "Z < 1e-6 ->
 use p_target", which is reached with probability Z whenever Z is small but positive and then
-emits from the wrong distribution (the small bias noted in PAPER.md).
+emits from the wrong distribution (the small bias noted in docs/method.md).
 """
 import torch
 

@@ -92,8 +92,8 @@ class KVCache:
 
     k, v: (n_layer, B, n_kv_head, capacity, head_dim). Slots [0, length) hold committed tokens.
     `crop(n)` rolls back by moving `length` (O(1): no copy, no reallocation); the stale slots past
-    it are simply overwritten by the next forward. `capacity` is the context length plus room for
-    one draft block, so verifying a block that runs past the context never reallocates.
+    it are simply overwritten by the next forward. The decoders size `capacity` to the job (prompt
+    plus the tokens they may still commit), not to the model's whole context.
 
     The cache has no hidden side effects: layers write their K/V at [length, length + T) through
     `write`, and only GPT.forward advances `length`, once, after all layers ran.
@@ -110,8 +110,8 @@ class KVCache:
         """Store new keys/values (B, n_kv_head, T, head_dim) at [length, length + T) of one layer and
         return views of that layer's keys and values over [0, length + T)."""
         start, end = self.length, self.length + k.size(2)
-        if end > self.capacity:
-            raise ValueError(f"KV cache overflow: {end} positions needed, capacity is {self.capacity}")
+        if end > self.capacity:  # a bug in the caller's sizing, never a user mistake
+            raise RuntimeError(f"KV cache overflow: {end} positions needed, capacity is {self.capacity}")
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
@@ -122,11 +122,15 @@ class KVCache:
 
     def crop(self, n: int):
         if not 0 <= n <= self.length:
-            raise ValueError(f"cannot crop the KV cache to {n}: it holds {self.length} positions")
+            raise RuntimeError(f"cannot crop the KV cache to {n}: it holds {self.length} positions")
         self.length = n
 
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+def kv_bytes(config: GPTConfig, positions: int, dtype=torch.float32) -> int:
+    """Bytes of keys and values for `positions` tokens over all layers: what a KV cache holds per
+    sequence, and what one Orthrus draft block holds transiently (positions = K)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return config.n_layer * 2 * positions * config.n_kv_head * config.head_dim * element
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,12 +164,13 @@ def apply_rope(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
-def rope_table(head_dim: int, n_positions: int, theta: float, dtype=torch.float32, device=None):
-    """cos and sin of shape (n_positions, head_dim) for positions 0..n_positions-1."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
-    angles = torch.outer(torch.arange(n_positions, dtype=torch.float64, device=device), inv_freq)
+def rope_table(head_dim: int, n_positions: int, theta: float):
+    """cos and sin of shape (n_positions, head_dim) for positions 0..n_positions-1, computed in
+    float64 (the model's dtype casts them, like every other buffer)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(n_positions, dtype=torch.float64), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)  # (n_positions, head_dim)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return angles.cos(), angles.sin()
 
 
 def offset_causal_mask(n_past: int, n_new: int, device=None):
@@ -267,7 +272,11 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self._rope_cache = None  # (cos, sin) table, built lazily for the device/dtype in use
+        # RoPE table for every position the model handles, built once; not saved in checkpoints.
+        # Like the weights it starts in the default dtype and follows the model's .to(dtype).
+        cos, sin = rope_table(config.head_dim, config.context_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos.to(torch.get_default_dtype()), persistent=False)
+        self.register_buffer("rope_sin", sin.to(torch.get_default_dtype()), persistent=False)
         self.apply(self._init_weights)
         # scaled init of the projections that write into the residual stream (GPT-2 / nanoGPT)
         for name, p in self.named_parameters():
@@ -281,21 +290,16 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
-    def rope(self, start: int, end: int, like: torch.Tensor):
-        """cos, sin (end - start, head_dim) for absolute positions [start, end) in like's dtype/device."""
-        c = self.config
-        table = self._rope_cache
-        if table is None or table[0].size(0) < end or table[0].dtype != like.dtype or table[0].device != like.device:
-            n = max(end, 2 * c.context_len)  # context plus generous room for a draft block
-            table = rope_table(c.head_dim, n, c.rope_theta, dtype=like.dtype, device=like.device)
-            self._rope_cache = table
-        return table[0][start:end], table[1][start:end]
+    def rope(self, start: int, end: int):
+        """cos, sin (end - start, head_dim) for absolute positions [start, end)."""
+        assert end <= self.config.context_len, f"position {end - 1} is past the context ({self.config.context_len})"
+        return self.rope_cos[start:end], self.rope_sin[start:end]
 
-    def new_cache(self, batch_size: int = 1, extra: int = 64, device=None, dtype=None) -> KVCache:
-        """A KV cache for context_len tokens plus `extra` slots (one draft block's room)."""
+    def new_cache(self, batch_size: int = 1, capacity: int | None = None) -> KVCache:
+        """A KV cache for `capacity` positions (default: the whole context), on the model's device
+        and in its dtype."""
         p = self.lm_head.weight
-        return KVCache(self.config, batch_size, self.config.context_len + extra,
-                       device=device or p.device, dtype=dtype or p.dtype)
+        return KVCache(self.config, batch_size, capacity or self.config.context_len, device=p.device, dtype=p.dtype)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *, logits: str = "all"):
         """idx: (B, T) token ids at positions [n_past, n_past + T), n_past = cache.length (0 without
@@ -309,7 +313,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         n_past = 0 if cache is None else cache.length
         x = self.embed_tokens(idx)  # (B, T, n_embd)
-        cos, sin = self.rope(n_past, n_past + T, x)
+        cos, sin = self.rope(n_past, n_past + T)
         mask = offset_causal_mask(n_past, T, device=idx.device) if cache is not None and T > 1 else None
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, mask)

@@ -7,6 +7,8 @@ Generate text from a checkpoint, with plain AR decoding or with Orthrus, and com
     python sample.py --ckpt out/base/ckpt.pt --prompt "import " --temperature 0.8 --top-k 50
 
 Temperature 0 (the default) is greedy: Orthrus then returns exactly the AR model's text.
+Decoding runs on one CPU thread by default (--threads): small models gain little from a second
+thread, and two OpenMP threads slow down ~10x whenever another process keeps a core busy.
 """
 
 import os
@@ -14,14 +16,20 @@ import sys
 
 import torch
 
-from common import ArgumentParser, UserError, load_checkpoint, load_ckpt_tokenizer, load_model, pick_device, run_cli
-from orthrus import Orthrus, check_decode_args, generate, generate_orthrus, transient_draft_bytes
+from common import (ArgumentParser, UserError, load_checkpoint, load_ckpt_tokenizer, load_model, pick_device, run_cli,
+                    set_threads)
+from decoding import check_prompt
+from orthrus import DiffusionDrafter, generate, generate_speculative
+from sampling import Sampling
+
+DEFAULT_PROMPT = "def "  # shows the shipped stdlib model writing Python; a newline gave only spaces
+DEFAULT_DRAFT_LEN = 16
 
 
 def build_parser():
     p = ArgumentParser(__doc__)
     p.add_argument("--ckpt", required=True, help="checkpoint from train.py (base, or base+head)")
-    p.add_argument("--prompt", default=None, help="prompt text (default: a newline)")
+    p.add_argument("--prompt", default=None, help=f"prompt text (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--prompt-file", default=None, help="read the prompt from this file instead")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate (stops early at the context limit or end-of-text)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy argmax; > 0 samples")
@@ -29,11 +37,15 @@ def build_parser():
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch (0 = torch's default, all cores); 1 keeps decoding steady on a busy machine")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"],
                    help="inference dtype (bf16 is fast on GPUs but may flip near-ties between AR and Orthrus)")
     p.add_argument("--mode", default=None, choices=["orthrus", "ar", "compare"],
                    help="decoder: orthrus (default when the checkpoint has a head), ar, or compare (both)")
-    p.add_argument("--draft-len", type=int, default=16, help="Orthrus draft block length K (K-1 drafts per cycle)")
+    p.add_argument("--draft-len", type=int, default=None,
+                   help=f"Orthrus draft block length K, K-1 drafts per cycle (default: {DEFAULT_DRAFT_LEN}, "
+                        "shortened near the end of the context)")
     p.add_argument("--denoise-steps", type=int, default=1, help="Orthrus diffusion passes per draft (1 = the paper's default)")
     p.add_argument("--trace", action="store_true", help="show each cycle's accepted drafts, rejected tail and bonus token")
     return p
@@ -90,14 +102,31 @@ def read_prompt(args):
     if args.prompt is not None and args.prompt_file is not None:
         raise UserError("give --prompt or --prompt-file, not both")
     if args.prompt_file is not None:
+        if os.path.isdir(args.prompt_file):
+            raise UserError(f"prompt file {args.prompt_file!r} is a directory; pass a text file")
         if not os.path.isfile(args.prompt_file):
-            raise FileNotFoundError(f"prompt file {args.prompt_file!r} not found")
+            raise UserError(f"prompt file {args.prompt_file!r} not found")
         try:
             with open(args.prompt_file, encoding="utf-8") as f:
                 return f.read()
         except UnicodeDecodeError as e:
             raise UserError(f"prompt file {args.prompt_file!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    return "\n" if args.prompt is None else args.prompt
+    return DEFAULT_PROMPT if args.prompt is None else args.prompt
+
+
+def check_flags(args) -> Sampling:
+    """Every flag that needs no model, checked before anything is loaded. Returns the sampling settings."""
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed must be in [0, 2**63), got {args.seed}")
+    if args.threads < 0:
+        raise UserError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
+    if args.draft_len is not None and args.draft_len < 2:
+        raise UserError(f"--draft-len must be >= 2 (one pending token + at least one draft), got {args.draft_len}")
+    if args.denoise_steps < 1:
+        raise UserError(f"--denoise-steps must be >= 1, got {args.denoise_steps}")
+    return Sampling(args.temperature, args.top_k, args.top_p)
 
 
 def describe(stats):
@@ -115,83 +144,81 @@ def describe(stats):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    settings = check_flags(args)
+    prompt_text = read_prompt(args)
     device = pick_device(args.device, verbose=False)
+    set_threads(args.threads)
     dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[args.dtype]
     ckpt = load_checkpoint(args.ckpt)
     base, head = load_model(ckpt, device, dtype)
     tokenizer = load_ckpt_tokenizer(ckpt)
-    prompt_text = read_prompt(args)
     prompt = tokenizer.encode(prompt_text)
-    # every input check before any output: a bad flag gives exactly one line
-    check_decode_args(base.config, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    check_prompt(base.config, prompt)  # every input check before any output: a bad input gives one line
     mode = args.mode or "orthrus"
     if head is None and mode == "compare":
         raise UserError("--mode compare needs a checkpoint with a diffusion head (train one with --stage head)")
     if head is None and mode == "orthrus":
         print("note: this checkpoint has no diffusion head; running plain AR decoding", file=sys.stderr)
         mode = "ar"
+    draft_len = args.draft_len or DEFAULT_DRAFT_LEN
     if mode != "ar":
-        if args.draft_len < 2:
-            raise UserError(f"--draft-len must be >= 2 (one pending token + at least one draft), got {args.draft_len}")
         room = base.config.context_len - len(prompt)
-        if args.draft_len > room:
+        if args.draft_len is not None and args.draft_len > room:  # the default just shortens itself
             raise UserError(f"--draft-len {args.draft_len} exceeds the {room} positions left in the context "
                             f"after a {len(prompt)}-token prompt; use a shorter draft or prompt")
-        if args.denoise_steps < 1:
-            raise UserError(f"--denoise-steps must be >= 1, got {args.denoise_steps}")
-        if args.draft_len > head.max_trained_draft_len:
-            print(f"warning: --draft-len {args.draft_len} is longer than the head was trained for "
+        if draft_len > head.max_trained_draft_len:
+            print(f"warning: --draft-len {draft_len} is longer than the head was trained for "
                   f"(max {head.max_trained_draft_len}); drafts at the far end will mostly be rejected", file=sys.stderr)
-    common = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, eos_id=tokenizer.eot_id)
+    common = dict(max_new_tokens=args.max_new_tokens, eos_ids=[tokenizer.eot_id])
 
-    def run(method, stream_enabled):
+    def run(method, stream_enabled, **overrides):
         stream_enabled = stream_enabled and not (args.trace and method == "orthrus")  # trace lines instead
-        generator = torch.Generator(device=device).manual_seed(args.seed)
+        sampling = Sampling(settings.temperature, settings.top_k, settings.top_p,
+                            torch.Generator(device=device).manual_seed(args.seed))
         stream = TextStream(tokenizer, stream_enabled)
         if stream_enabled:
             sys.stdout.write(prompt_text)
+        kwargs = {**common, "sampling": sampling, "on_tokens": stream, **overrides}
         if method == "ar":
-            tokens, stats = generate(base, prompt, generator=generator, on_tokens=stream, **common)
+            tokens, stats = generate(base, prompt, **kwargs)
         else:
             tracer = Tracer(tokenizer, sys.stderr.isatty()) if args.trace else None
-            tokens, stats = generate_orthrus(Orthrus(base, head), prompt, draft_len=args.draft_len, generator=generator,
-                                             on_tokens=stream, denoise_steps=args.denoise_steps, on_cycle=tracer, **common)
+            drafter = DiffusionDrafter(base, head, draft_len, args.denoise_steps)
+            tokens, stats = generate_speculative(base, drafter, prompt, on_cycle=tracer, **kwargs)
         text = stream.finish()
         if args.trace and method == "orthrus":
             print(prompt_text + text)
         return tokens, stats
 
+    def memory_line():
+        kv = DiffusionDrafter(base, head, draft_len).transient_bytes()
+        return (f"{sum(p.numel() for p in head.parameters()) / 1e6:.2f}M head parameters, 0 bytes persistent cache, "
+                f"{kv / 1024:.1f} KiB transient per draft block (K={draft_len})")
+
     if mode in ("ar", "orthrus"):
         _, stats = run(mode, True)
         print(describe(stats), file=sys.stderr)
         if mode == "orthrus":
-            kv = transient_draft_bytes(base.config, args.draft_len, dtype)
-            print(f"memory: the head adds only one draft block's transient K/V ({kv / 1024:.1f} KiB at K={args.draft_len}); "
-                  f"the persistent KV cache is the AR model's", file=sys.stderr)
+            print(f"memory: the head adds only one draft block's transient K/V: {memory_line()}", file=sys.stderr)
         return stats
 
     # compare: the same prompt and seed through both decoders, after an untimed warm-up of each
     # (first calls pay for allocations and lazily built tables, which would skew a short run)
-    warm = dict(common, max_new_tokens=min(8, args.max_new_tokens))
-    generate(base, prompt, **warm)
-    generate_orthrus(Orthrus(base, head), prompt, draft_len=args.draft_len, **warm)
+    for method in ("ar", "orthrus"):
+        run(method, False, max_new_tokens=min(8, args.max_new_tokens), on_tokens=None)
     print("--- AR ---", file=sys.stderr)
     ar_tokens, ar_stats = run("ar", True)
     print("--- Orthrus ---", file=sys.stderr)
     o_tokens, o_stats = run("orthrus", True)
     print(describe(ar_stats), file=sys.stderr)
     print(describe(o_stats), file=sys.stderr)
-    if args.temperature == 0:
-        same = "IDENTICAL" if ar_tokens == o_tokens else "DIFFERENT (see PAPER.md on low-precision near-ties)"
+    if settings.is_greedy:
+        same = "IDENTICAL" if ar_tokens == o_tokens else "DIFFERENT (low-precision near-ties: see README, Exactness)"
         print(f"outputs: {same} ({len(ar_tokens)} vs {len(o_tokens)} tokens)", file=sys.stderr)
     else:
         print("outputs: sampled (temperature > 0): identically distributed, not identical token for token", file=sys.stderr)
-    kv = transient_draft_bytes(base.config, args.draft_len, dtype)
-    n_head = sum(p.numel() for p in head.parameters())
     print(f"speedup: {o_stats.tokens_per_second / ar_stats.tokens_per_second:.2f}x tokens/s | extra memory: "
-          f"{n_head / 1e6:.2f}M head parameters, 0 bytes persistent cache, {kv / 1024:.1f} KiB transient per draft block",
-          file=sys.stderr)
+          f"{memory_line()}", file=sys.stderr)
     return ar_stats, o_stats
 
 

@@ -1,61 +1,77 @@
 """
-Logit warping and sampling, shared by plain AR decoding and by both views of Orthrus.
+How tokens are chosen from logits, by plain AR decoding and by both views of Orthrus.
 
-Orthrus' sampling mode (PAPER.md, "Verify pass") is speculative rejection sampling, which is
-only lossless if the draft distribution used in the acceptance ratio is exactly the one the
-draft token was sampled from, and the target distribution is exactly the one plain AR sampling
-would use. So the diffusion view (draft) and the AR view (target) both turn logits into
-probabilities with `logits_to_probs` below, with the same temperature / top-k / top-p.
-
-Temperature 0 means greedy decoding. It is a separate branch in the callers (`greedy`, an
-argmax), never a division by a tiny temperature: `logits_to_probs` refuses temperature 0.
-`sample` is a small convenience that holds that branch for callers that only need a token.
-
-Every random draw takes an explicit `torch.Generator` (None = torch's global generator), so a
-run is reproducible from its seed and tests never touch global RNG state.
+`Sampling` is one value (temperature, top-k, top-p, generator), validated once where input
+enters (the command line, the public decode functions). Temperature 0 is greedy decoding: an
+argmax branch, never a division by a tiny temperature. Speculative sampling (consensus.py) is
+lossless only if the draft and target distributions are exactly the ones drawn from and plain AR
+would use, so the diffusion view (draft) and the AR view (target) warp logits with the same
+`Sampling.probs`. Every draw takes the explicit generator (None = torch's global one).
 """
 import math
+from dataclasses import dataclass
 
 import torch
 
+from errors import UserError
 
-def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
-    """Raise ValueError (one line: what is wrong, how to fix it) for unusable sampling args.
-
-    temperature: >= 0, finite; 0 means greedy (argmax).
-    top_k:       integer >= 0; 0 disables top-k.
-    top_p:       in (0, 1]; 1 disables nucleus filtering.
-    """
-    if not isinstance(temperature, (int, float)) or math.isnan(temperature) or temperature < 0 \
-            or math.isinf(temperature):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 disables top-k), got {top_k!r}")
-    if not isinstance(top_p, (int, float)) or math.isnan(top_p) or not (0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1] (1 disables nucleus sampling), got {top_p!r}")
+# Below this, logits / temperature overflow float32 (|logit| ~ 100 / 1e-37 = inf) long before the
+# distribution differs from greedy in any way that matters: such temperatures are refused.
+MIN_TEMPERATURE = 1e-4
 
 
-def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int = 0,
-                    top_p: float = 1.0) -> torch.Tensor:
-    """Warp logits (..., V) into a sampling distribution (..., V); every row is independent.
+@dataclass(frozen=True)
+class Sampling:
+    """temperature: 0 = greedy (argmax), else a finite number >= MIN_TEMPERATURE;
+    top_k: integer >= 0 (0 disables top-k); top_p: in (0, 1] (1 disables nucleus filtering)."""
 
-    Steps, in this order (the order used by nanoGPT / HF-style samplers):
-      1. divide by temperature (must be > 0; temperature 0 is the caller's argmax branch);
-      2. top-k: keep every token whose scaled logit is >= the k-th largest in its row. Ties at
-         the k-th value are all kept, so a row can keep more than k tokens; the rule depends
-         only on the values, never on token order. top_k = 0 or top_k >= V disables it;
-      3. top-p (nucleus): sort the probabilities descending and keep the shortest prefix whose
-         cumulative probability is >= top_p (always at least the top token); tokens tied with
-         the smallest kept probability are kept too (same tie rule as top-k). top_p = 1
-         disables it;
-      4. renormalise over the kept tokens.
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
 
-    Computed in float64 if `logits` is float64, else in float32 (bf16/fp16 logits are upcast),
-    and returned in that dtype. Tokens removed by top-k/top-p get probability exactly 0.
-    A row whose logits are all -inf has no distribution (NaN out); callers never produce one.
-    """
-    check_sampling_args(temperature, top_k, top_p)
-    if temperature == 0:
+    def __post_init__(self):
+        t, k, p = self.temperature, self.top_k, self.top_p
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise UserError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        if 0 < t < MIN_TEMPERATURE:
+            raise UserError(f"temperature {t!r} is too small to sample with (logits / temperature overflow); "
+                            f"use 0 for greedy decoding or a temperature >= {MIN_TEMPERATURE}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise UserError(f"top_k must be an integer >= 0 (0 disables top-k), got {k!r}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or math.isnan(p) or not 0.0 < p <= 1.0:
+            raise UserError(f"top_p must be in (0, 1] (1 disables nucleus sampling), got {p!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The warped distribution (..., V) that a sampled token is drawn from (not for greedy)."""
+        return logits_to_probs(logits, self.temperature, self.top_k, self.top_p)
+
+    def draw(self, probs: torch.Tensor) -> torch.Tensor:
+        return sample_from(probs, self.generator)
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """One token per row of logits (..., V) -> LongTensor (...): argmax, or a warped draw."""
+        return greedy(logits) if self.is_greedy else self.draw(self.probs(logits))
+
+
+GREEDY = Sampling()
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Warp logits (..., V) into a distribution (..., V), row by row (arguments validated once,
+    by Sampling). In the order nanoGPT / HF-style samplers use:
+      1. divide by temperature;
+      2. top-k: keep every token whose scaled logit is >= the k-th largest of its row (ties at the
+         k-th value all kept: the rule depends on values, never on token order); 0 or >= V = off;
+      3. top-p: keep the shortest prefix of the sorted probabilities whose mass is >= top_p (at
+         least the top token; ties with the smallest kept probability kept too); 1 = off;
+      4. renormalise. Removed tokens get probability exactly 0.
+    Computed in float64 for float64 logits, else float32 (bf16/fp16 upcast), and returned so."""
+    if temperature <= 0:
         raise ValueError("logits_to_probs needs temperature > 0; for temperature 0 use greedy() "
                          "(argmax) instead of dividing by a tiny number")
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -81,32 +97,14 @@ def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int = 0,
 
 
 def sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Draw one token per row of probs (..., V) -> LongTensor (...), with the given generator.
-
-    probs need not be exactly normalised (torch.multinomial normalises), but must be >= 0 with
-    a positive sum. A zero-probability token is never drawn.
-    """
+    """One token per row of probs (..., V) -> LongTensor (...); never a zero-probability token."""
     V = probs.size(-1)
-    flat = probs.reshape(-1, V)                                   # (N, V)
-    tokens = torch.multinomial(flat, num_samples=1, generator=generator)  # (N, 1)
+    tokens = torch.multinomial(probs.reshape(-1, V), num_samples=1, generator=generator)  # (N, 1)
     return tokens.reshape(probs.shape[:-1])                       # (...)
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """Argmax over the last dim: (..., V) -> LongTensor (...).
-
-    Ties go to the lowest token id (torch.argmax returns the first maximal index), so the AR
-    view and any reference decoder agree on exact ties. Near-ties can still flip between
-    kernels in low precision (PAPER.md, "Known pitfalls"); test exactness in float32/float64.
-    """
+    """Argmax over the last dim: (..., V) -> LongTensor (...). Exact ties go to the lowest id, so
+    every decoder agrees on them; near-ties can flip between kernels in low precision
+    (docs/method.md, "Known pitfalls"): exactness is tested in float32/float64."""
     return torch.argmax(logits, dim=-1)
-
-
-def sample(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of logits (..., V) -> LongTensor (...): argmax if temperature == 0,
-    else a draw from logits_to_probs(logits, temperature, top_k, top_p)."""
-    check_sampling_args(temperature, top_k, top_p)
-    if temperature == 0:
-        return greedy(logits)
-    return sample_from(logits_to_probs(logits, temperature, top_k, top_p), generator)

@@ -29,6 +29,8 @@ import sys
 
 import torch
 
+from errors import UserError
+
 EOT_STRING = "<|endoftext|>"
 MASK_STRING = "<|mask|>"
 # U+2581: sentencepiece's stand-in for a space; a literal one in the text needs care (see below).
@@ -36,14 +38,14 @@ SP_SPACE = "\u2581"
 
 
 def _check_encodable(text):
-    """Raise a clear ValueError for a character that has no UTF-8 form (a lone surrogate)."""
+    """Raise a clear UserError for a character that has no UTF-8 form (a lone surrogate)."""
     if not isinstance(text, str):
         raise TypeError(f"encode expects a str, got {type(text).__name__}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         ch = text[e.start]
-        raise ValueError(
+        raise UserError(
             f"cannot encode character {ch!r} (U+{ord(ch):04X}) at index {e.start}: a lone surrogate "
             f"is not valid Unicode text; remove it or clean the text first, e.g. "
             f"text.encode('utf-8', 'replace').decode('utf-8')"

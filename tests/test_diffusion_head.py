@@ -66,7 +66,7 @@ def test_training_path_equals_inference_path_float64():
 def test_draft_pass_leaves_cache_untouched():
     base, head = tiny_pair()
     idx = torch.randint(0, MASK_ID, (1, 20))
-    cache = base.new_cache(extra=8)
+    cache = base.new_cache()
     with torch.no_grad():
         base(idx, cache)
     k_before, v_before, length = cache.k.clone(), cache.v.clone(), cache.length

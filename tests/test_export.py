@@ -8,7 +8,7 @@ import torch
 import export
 from common import load_checkpoint, load_model
 from helpers import expect_user_error
-from orthrus import Orthrus, generate, generate_orthrus
+from orthrus import generate, generate_orthrus
 
 
 def test_export_roundtrip(tiny, tmp_path, capsys):
@@ -24,7 +24,7 @@ def test_export_roundtrip(tiny, tmp_path, capsys):
     for name, t in original.state_dict().items():  # weights equal the originals up to fp16 rounding
         torch.testing.assert_close(base.state_dict()[name], t.half().float(), rtol=0, atol=0)
     prompt = [ord(c) for c in "def get_"]
-    assert generate_orthrus(Orthrus(base, head), prompt, 30, draft_len=4)[0] == generate(base, prompt, 30)[0]
+    assert generate_orthrus(base, head, prompt, 30, draft_len=4)[0] == generate(base, prompt, 30)[0]
 
 
 def test_export_bad_input(tiny, tmp_path, capsys):

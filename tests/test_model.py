@@ -37,7 +37,7 @@ def test_token_by_token_decoding_matches_full_forward(tied):
     torch.manual_seed(1)
     idx = torch.randint(0, 40, (2, 30))
     ref = full_logits(model, idx)
-    cache = model.new_cache(batch_size=2, extra=8)
+    cache = model.new_cache(batch_size=2)
     out = torch.full_like(ref, float("nan"))  # poisoned: every position must be written
     with torch.no_grad():
         for t in range(idx.size(1)):
@@ -86,9 +86,9 @@ def test_crop_then_redecode_equals_never_going_further():
 def test_cache_overflow_and_bad_crop_are_clear():
     model = tiny_model()
     cache = KVCache(model.config, 1, capacity=10, dtype=torch.float64)
-    with torch.no_grad(), pytest.raises(ValueError, match="overflow"):
+    with torch.no_grad(), pytest.raises(RuntimeError, match="overflow"):
         model(torch.zeros(1, 11, dtype=torch.long), cache)
-    with pytest.raises(ValueError, match="cannot crop"):
+    with pytest.raises(RuntimeError, match="cannot crop"):
         cache.crop(5)
 
 

@@ -9,8 +9,9 @@ import torch
 
 from diffusion_head import DiffusionHead, choose_anchors, head_loss
 from model import GPT, GPTConfig
-from orthrus import Orthrus, generate, generate_orthrus
-from sampling import logits_to_probs
+from errors import UserError
+from orthrus import DiffusionDrafter, generate, generate_orthrus, generate_speculative
+from sampling import Sampling, logits_to_probs
 
 V, MASK = 24, 23
 CFG = dict(vocab_size=V, context_len=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, head_dim=8, mlp_hidden=64)
@@ -26,48 +27,48 @@ def random_orthrus(seed=0, **cfg):
     with torch.no_grad():
         for p in head.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    return Orthrus(base, head)
+    return base, head
 
 
-class CheckedOrthrus(Orthrus):
+class CheckedDrafter(DiffusionDrafter):
     """Records, before every draft, that the cache holds exactly the committed tokens minus the
     pending one (cache length == committed length - 1) and that their K/V equal a fresh prefill."""
 
-    def __init__(self, base, head, prompt):
-        super().__init__(base, head)
+    def __init__(self, base, head, prompt, draft_len):
+        super().__init__(base, head, draft_len)
         self.prompt, self.committed, self.checks = list(prompt), [], 0
 
-    def draft(self, cache, pending, draft_len, *args, **kwargs):
+    def propose(self, cache, sequence, n, sampling):
         seq = self.prompt + self.committed
-        assert seq[-1] == pending
+        assert seq == sequence
         assert cache.length == len(seq) - 1
-        ref = self.base.new_cache(extra=0)
+        ref = self.base.new_cache()
         self.base(torch.tensor([seq[:-1]]), ref)
-        n = cache.length
-        torch.testing.assert_close(cache.k[:, :, :, :n], ref.k[:, :, :, :n], rtol=0, atol=1e-12)
+        length = cache.length
+        torch.testing.assert_close(cache.k[:, :, :, :length], ref.k[:, :, :, :length], rtol=0, atol=1e-12)
         self.checks += 1
-        return super().draft(cache, pending, draft_len, *args, **kwargs)
+        return super().propose(cache, sequence, n, sampling)
 
 
-class OracleOrthrus(Orthrus):
+class OracleDrafter(DiffusionDrafter):
     """A head that drafts perfectly: it runs the AR view greedily on a copy of the cache, so every
     cycle must accept all K-1 drafts. Exercises the sampler's bookkeeping at full acceptance."""
 
-    def draft(self, cache, pending, draft_len, *args, **kwargs):
+    def propose(self, cache, sequence, n, sampling):
         saved_length = cache.length
         k, v = cache.k.clone(), cache.v.clone()
-        tok, drafts = pending, []
-        for _ in range(draft_len - 1):
+        tok, drafts = sequence[-1], []
+        for _ in range(n):
             tok = int(self.base(torch.tensor([[tok]]), cache, logits="last")[0, -1].argmax())
             drafts.append(tok)
         cache.k.copy_(k)
         cache.v.copy_(v)
         cache.crop(saved_length)
-        return torch.tensor(drafts), None
+        return torch.tensor(drafts), None, 1
 
 
 def ar_reference(model, prompt, n):
-    tokens, _ = generate(model.base, prompt, n)
+    tokens, _ = generate(model[0], prompt, n)
     return tokens
 
 
@@ -78,13 +79,16 @@ def test_greedy_equals_ar_random_untrained(draft_len):
         torch.manual_seed(100 + seed)
         prompt = torch.randint(0, V - 1, (5 + seed,)).tolist()
         ref = ar_reference(model, prompt, 30)
-        checked = CheckedOrthrus(model.base, model.head, prompt)
+        checked = CheckedDrafter(*model, prompt, draft_len)
         committed = checked.committed
-        out, stats = generate_orthrus(checked, prompt, 30, draft_len=draft_len, on_tokens=committed.extend)
+        out, stats = generate_speculative(model[0], checked, prompt, 30, on_tokens=committed.extend)
         assert out == ref
         assert committed == ref  # the stream saw exactly the returned tokens, in order
-        assert checked.checks == stats.cycles > 0
-        assert sum(stats.committed_per_cycle) == len(out) - 1  # first token comes from prefill
+        # every cycle was checked, except a last one with room for a single token (it drafts nothing)
+        assert stats.drafted_per_cycle[:-1].count(0) == 0
+        assert checked.checks == stats.cycles - (stats.drafted_per_cycle[-1] == 0) > 0
+        assert stats.cycle_tokens == len(out) - 1  # first token comes from prefill
+        assert sum(stats.accepted_per_cycle) + stats.cycles >= stats.cycle_tokens  # accepted + one per cycle
         assert all(0 <= a <= draft_len - 1 for a in stats.accepted_per_cycle)
 
 
@@ -92,8 +96,8 @@ def test_oracle_head_accepts_every_draft():
     model = random_orthrus(seed=1)
     prompt = [1, 2, 3]
     K = 6
-    oracle = OracleOrthrus(model.base, model.head)
-    out, stats = generate_orthrus(oracle, prompt, 31, draft_len=K)
+    oracle = OracleDrafter(*model, draft_len=K)
+    out, stats = generate_speculative(model[0], oracle, prompt, 31)
     assert out == ar_reference(model, prompt, 31)
     assert stats.cycles == 5  # 30 tokens after the prefill token, K per cycle
     assert stats.accepted_per_cycle == [K - 1] * 5
@@ -105,10 +109,9 @@ def test_greedy_equals_ar_near_context_limit(prompt_len):
     model = random_orthrus(seed=2)
     torch.manual_seed(prompt_len)
     prompt = torch.randint(0, V - 1, (prompt_len,)).tolist()
-    ref, ref_stats = generate(model.base, prompt, 40)
-    for oracle in (False, True):
-        cls = OracleOrthrus if oracle else Orthrus
-        out, stats = generate_orthrus(cls(model.base, model.head), prompt, 40, draft_len=8)
+    ref, ref_stats = generate(model[0], prompt, 40)
+    for cls in (DiffusionDrafter, OracleDrafter):
+        out, stats = generate_speculative(model[0], cls(*model, draft_len=8), prompt, 40)
         assert out == ref
         assert len(prompt) + len(out) == 64  # stops cleanly at the context length...
         assert stats.stop_reason == ref_stats.stop_reason == "context_limit"  # ...and says so
@@ -119,24 +122,35 @@ def test_stops_at_end_of_text_like_ar():
     prompt = [4, 5, 6]
     ref = ar_reference(model, prompt, 40)
     eos = ref[7]  # pretend a token the model emits is end-of-text
-    ar_out, ar_stats = generate(model.base, prompt, 40, eos_id=eos)
-    out, stats = generate_orthrus(OracleOrthrus(model.base, model.head), prompt, 40, draft_len=5, eos_id=eos)
+    ar_out, ar_stats = generate(model[0], prompt, 40, eos_ids=[eos])
+    out, stats = generate_speculative(model[0], OracleDrafter(*model, draft_len=5), prompt, 40, eos_ids=[eos])
     assert out == ar_out == ref[: ref.index(eos) + 1]
     assert stats.stop_reason == ar_stats.stop_reason == "eos"
 
 
-def test_bad_decode_arguments():
-    model = random_orthrus()
-    with pytest.raises(ValueError, match="zero tokens"):
-        generate_orthrus(model, [], 5)
-    with pytest.raises(ValueError, match="context holds 64"):
-        generate(model.base, [1] * 64, 5)
-    with pytest.raises(ValueError, match="draft length must be >= 2"):
-        generate_orthrus(model, [1], 5, draft_len=1)
-    with pytest.raises(ValueError, match="temperature"):
-        generate_orthrus(model, [1], 5, temperature=-1)
-    with pytest.raises(ValueError, match="top_p"):
-        generate(model.base, [1], 5, temperature=1.0, top_p=0.0)
+def test_bad_decode_arguments_are_user_errors():
+    base, head = random_orthrus()
+    with pytest.raises(UserError, match="zero tokens"):
+        generate_orthrus(base, head, [], 5)
+    with pytest.raises(UserError, match="context holds 64"):
+        generate(base, [1] * 64, 5)
+    with pytest.raises(UserError, match="max_new_tokens"):
+        generate(base, [1], 0)
+    with pytest.raises(UserError, match="draft length must be >= 2"):
+        generate_orthrus(base, head, [1], 5, draft_len=1)
+    with pytest.raises(UserError, match="temperature"):
+        generate_orthrus(base, head, [1], 5, sampling=Sampling(temperature=-1))
+    with pytest.raises(UserError, match="top_p"):
+        generate(base, [1], 5, Sampling(temperature=1.0, top_p=0.0))
+
+
+def test_internal_cache_misuse_is_not_a_user_error():
+    """A KV-cache overflow is a bug in our own sizing: a plain exception, never a UserError."""
+    base, _ = random_orthrus()
+    cache = base.new_cache(capacity=4)
+    with pytest.raises(RuntimeError, match="overflow") as err:
+        base(torch.zeros(1, 5, dtype=torch.long), cache)
+    assert not isinstance(err.value, UserError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +186,7 @@ def trained_orthrus():
     opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
     for _ in range(40):
         idx = periodic_batch(g)
-        cache = base.new_cache(batch_size=idx.size(0), extra=0)
+        cache = base.new_cache(batch_size=idx.size(0))
         with torch.no_grad():
             teacher = base(idx, cache, logits="all")
         T = idx.size(1)
@@ -183,7 +197,7 @@ def trained_orthrus():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return Orthrus(base.double(), head.double().eval())
+    return base.double(), head.double().eval()
 
 
 def test_greedy_equals_ar_briefly_trained(trained_orthrus):
@@ -193,7 +207,7 @@ def test_greedy_equals_ar_briefly_trained(trained_orthrus):
     for row in periodic_batch(g, B=4, T=7).tolist():
         for prompt in (row, [row[0], 20, 21]):  # on-pattern and off-pattern prompts
             ref = ar_reference(model, prompt, 40)
-            out, stats = generate_orthrus(model, prompt, 40, draft_len=6)
+            out, stats = generate_orthrus(*model, prompt, 40, draft_len=6)
             assert out == ref
             total_accepted += sum(stats.accepted_per_cycle)
     assert total_accepted > 100  # the trained head really drafts: many accepted tokens were checked
@@ -203,7 +217,7 @@ def test_multi_step_denoising_is_also_exact(trained_orthrus):
     prompt = [1, 2, 3]
     ref = ar_reference(trained_orthrus, prompt, 30)
     for steps in (2, 3, 7):
-        out, stats = generate_orthrus(trained_orthrus, prompt, 30, draft_len=6, denoise_steps=steps)
+        out, stats = generate_orthrus(*trained_orthrus, prompt, 30, draft_len=6, denoise_steps=steps)
         assert out == ref
         assert stats.forward_passes == sum(min(steps, d) + 1 for d in stats.drafted_per_cycle)
 
@@ -246,7 +260,6 @@ def test_sampled_orthrus_matches_ar_distribution():
     with torch.no_grad():
         for p in head.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    model = Orthrus(base, head)
     prompt, n_new, temperature, top_k = [0, 1, 2], 3, 0.9, 3
     exact = exact_ar_distribution(base, prompt, n_new, temperature, top_k)
     assert abs(sum(exact.values()) - 1) < 1e-9
@@ -254,7 +267,7 @@ def test_sampled_orthrus_matches_ar_distribution():
     g = torch.Generator().manual_seed(0)
     counts, accepted = {}, 0
     for _ in range(N):
-        out, stats = generate_orthrus(model, prompt, n_new, draft_len=3, temperature=temperature, top_k=top_k, generator=g)
+        out, stats = generate_orthrus(base, head, prompt, n_new, draft_len=3, sampling=Sampling(temperature, top_k, 1.0, g))
         counts[tuple(out)] = counts.get(tuple(out), 0) + 1
         accepted += sum(stats.accepted_per_cycle)
     assert 0 < accepted < N * (n_new - 1)  # both acceptances and rejections happened

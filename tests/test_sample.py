@@ -161,8 +161,13 @@ SAMPLE_ERRORS = [
     ("top_p_1.5", "head", ["--top-p", "1.5", "--temperature", "1"], "top_p must be in (0, 1]"),
     ("negative_top_k", "head", ["--top-k", "-1", "--temperature", "1"], "top_k must be an integer >= 0"),
     ("draft_len_1", "head", ["--draft-len", "1"], "--draft-len must be >= 2"),
+    ("tiny_temperature", "head", ["--temperature", "1e-40"], "too small to sample with"),
+    ("tiniest_temperature", "head", ["--temperature", "1e-320"], "too small to sample with"),
+    ("huge_seed", "head", ["--seed", str(2**64)], "--seed must be in [0, 2**63)"),
+    ("negative_threads", "head", ["--threads", "-1"], "--threads must be >= 0"),
+    ("prompt_file_is_a_folder", "head", ["--prompt-file", "{tmp}/folder"], "is a directory"),
     ("draft_len_past_context", "head", ["--prompt", "x" * 60, "--draft-len", "16"], "exceeds the 4 positions left"),
-    ("zero_new_tokens", "head", ["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
+    ("zero_new_tokens", "head", ["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     ("zero_denoise_steps", "head", ["--denoise-steps", "0"], "denoise-steps must be >= 1"),
     ("compare_without_head", "base", ["--mode", "compare"], "needs a checkpoint with a diffusion head"),
     ("prompt_and_prompt_file", "head", ["--prompt", "a", "--prompt-file", "p.txt"], "not both"),
@@ -185,6 +190,44 @@ def test_draft_len_beyond_training_is_allowed_with_a_warning(tiny, capsys):
                  "--draft-len", "9"])  # the tiny head was trained with K in {4, 6}
     err = capsys.readouterr().err
     assert "warning: --draft-len 9 is longer than the head was trained for (max 6)" in err
+
+
+@pytest.mark.parametrize("flags", [["--max-new-tokens", "0"], ["--seed", str(2**64)], ["--temperature", "1e-40"],
+                                   ["--draft-len", "1"], ["--denoise-steps", "0"]])
+def test_flags_are_checked_before_loading_anything(flags, capsys, monkeypatch):
+    """A bad flag is reported before the (possibly slow) checkpoint load even starts."""
+    def no_load(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the flags were checked")
+
+    monkeypatch.setattr(sample, "load_checkpoint", no_load)
+    expect_user_error(sample.main, ["--device", "cpu", "--ckpt", "any.pt", *flags], capsys)
+
+
+def test_default_draft_len_shortens_itself_for_a_long_prompt(tiny, capsys):
+    """Without --draft-len, a prompt that leaves fewer positions than the default block still
+    decodes (the decoder shortens the last blocks); only an explicit impossible value is an error."""
+    stats, out, err = run(capsys, "--ckpt", tiny["head"], "--prompt", "x" * 60, "--max-new-tokens", 4)
+    assert stats.method == "orthrus" and stats.new_tokens == 4
+
+
+def test_default_prompt_shows_text(tiny, capsys):
+    stats, out, err = run(capsys, "--ckpt", tiny["head"], "--max-new-tokens", 8)
+    assert out.startswith(sample.DEFAULT_PROMPT) and out.strip() != ""
+
+
+def test_internal_error_is_not_disguised_as_a_user_mistake(tiny, capsys, monkeypatch):
+    """A defect in our own code (here: a KV-cache overflow) keeps its traceback; run_cli does not
+    turn it into a one-line `error:` with exit code 2."""
+    from common import run_cli
+    from model import GPT
+
+    def broken_cache(self, batch_size=1, capacity=None):
+        return original(self, batch_size, 2)
+
+    original = GPT.new_cache
+    monkeypatch.setattr(GPT, "new_cache", broken_cache)
+    with pytest.raises(RuntimeError, match="KV cache overflow"):
+        run_cli(sample.main, ["--device", "cpu", "--ckpt", tiny["head"], "--prompt", "def ", "--max-new-tokens", "4"])
 
 
 def test_too_long_prompt_in_orthrus_mode_blames_the_prompt(tiny, capsys):

@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-from sampling import check_sampling_args, greedy, logits_to_probs, sample, sample_from
+from errors import UserError
+from sampling import GREEDY, Sampling, greedy, logits_to_probs, sample_from
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,21 +50,31 @@ def reference_probs(logits: list[float], temperature: float, top_k: int, top_p: 
     (1.0, 0, -0.1, "top_p"),
     (1.0, 0, 1.5, "top_p"),
     (1.0, 0, float("nan"), "top_p"),
+    (1e-40, 0, 1.0, "temperature"),
+    (1e-320, 0, 1.0, "temperature"),
+    (True, 0, 1.0, "temperature"),
 ])
 def test_bad_args_raise_with_useful_message(temperature, top_k, top_p, what):
-    with pytest.raises(ValueError) as err:
-        check_sampling_args(temperature, top_k, top_p)
+    """Validated once, when the settings are built (the CLI and the public decode functions)."""
+    with pytest.raises(UserError) as err:
+        Sampling(temperature, top_k, top_p)
     msg = str(err.value)
     assert msg.startswith(what) and "\n" not in msg
-    assert "got" in msg                                    # says what was passed
+    assert "got" in msg or "too small" in msg              # says what was passed
     assert any(hint in msg for hint in ("greedy", "disables"))  # says what the valid values mean
-    with pytest.raises(ValueError):                         # logits_to_probs checks too
-        logits_to_probs(torch.zeros(3), temperature, top_k, top_p)
 
 
 def test_good_args_pass():
-    for t, k, p in [(0.0, 0, 1.0), (0.7, 50, 0.9), (2, 1, 1e-6), (1.0, 0, 1)]:
-        check_sampling_args(t, k, p)
+    for t, k, p in [(0.0, 0, 1.0), (0.7, 50, 0.9), (2, 1, 1e-6), (1.0, 0, 1), (1e-4, 0, 1.0)]:
+        Sampling(t, k, p)
+    assert GREEDY.is_greedy and not Sampling(0.5).is_greedy
+
+
+def test_smallest_temperature_gives_a_proper_distribution():
+    """The smallest accepted temperature still gives finite, normalised probabilities."""
+    logits = torch.tensor([30.0, 29.9999, -50.0, 12.0])
+    p = Sampling(1e-4).probs(logits)
+    assert torch.isfinite(p).all() and abs(float(p.sum()) - 1) < 1e-6 and float(p[2]) == 0.0
 
 
 def test_temperature_zero_is_not_a_division():
@@ -193,11 +204,11 @@ def test_greedy_is_argmax_first_on_ties():
     assert greedy(logits).tolist() == [1, 0, 2]
 
 
-def test_sample_temperature_zero_is_greedy():
+def test_choose_temperature_zero_is_greedy():
     logits = torch.randn(4, 6)
-    assert torch.equal(sample(logits, 0.0, generator=torch.Generator().manual_seed(0)), greedy(logits))
-    a = sample(logits, 0.9, top_k=3, generator=torch.Generator().manual_seed(1))
-    b = sample(logits, 0.9, top_k=3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(Sampling(0.0, generator=torch.Generator().manual_seed(0)).choose(logits), greedy(logits))
+    a = Sampling(0.9, top_k=3, generator=torch.Generator().manual_seed(1)).choose(logits)
+    b = Sampling(0.9, top_k=3, generator=torch.Generator().manual_seed(1)).choose(logits)
     assert torch.equal(a, b)
 
 
@@ -205,4 +216,4 @@ def test_imports_only_torch():
     tree = ast.parse(open(os.path.join(ROOT, "sampling.py")).read())
     mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert mods <= {"torch", "math"}
+    assert mods <= {"torch", "math", "dataclasses", "errors"}  # errors.py is plain Python
