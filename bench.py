@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from consensus import acceptance_histogram
 from common import (ArgumentParser, UserError, load_checkpoint, load_ckpt_tokenizer, load_model, pick_device,
                     read_data_meta, run_cli, set_threads)
 from model import GPT, GPTConfig, kv_bytes
@@ -175,13 +176,13 @@ def suite_ar(args, device):
     return results
 
 
-def spread(times) -> float:
-    """(slowest - fastest) / fastest over the repeats of one measurement."""
-    return (max(times) - min(times)) / min(times) if len(times) > 1 else 0.0
+def spread(times):
+    """(slowest - fastest) / fastest over the repeats of one measurement (None for one repeat)."""
+    return (max(times) - min(times)) / min(times) if len(times) > 1 else None
 
 
 def warn_if_noisy(spreads: dict):
-    noisy = {label: s for label, s in spreads.items() if s > SPREAD_WARNING}
+    noisy = {label: s for label, s in spreads.items() if s is not None and s > SPREAD_WARNING}
     if noisy:
         worst = max(noisy, key=noisy.get)
         print(f"\nwarning: the repeats disagree (up to {noisy[worst]:.0%} for {worst}): another process is probably "
@@ -334,6 +335,7 @@ def method_record(m: Method, run, ar_run, costs: PassCosts, tokenizer, sampling:
         "ceiling": tpc * costs.verify(1) / m.cycle_seconds(costs, stats),
         "cycle_pass_ms": 1000 * m.cycle_seconds(costs, stats),
         "extra_params": drafter.extra_params() if drafter else 0,
+        "accepted_histogram": acceptance_histogram(accepted, max(drafted)) if drafter and drafted else None,
         "extra_persistent_bytes": drafter.persistent_bytes(end_positions) if drafter else 0,
         "transient_bytes": drafter.transient_bytes() if drafter else 0,
         "distinct8": statistics.mean(distinct_ngram_fraction(o) for o in outs),
@@ -346,7 +348,7 @@ COMPARE_COLUMNS = [
     ("method", "{label}"), ("tokens/cycle", "{tokens_per_cycle:.2f}"), ("tokens/forward", "{tokens_per_forward:.2f}"),
     ("accepted mean / none / all", "{accepted_mean:.2f} / {accepted_none:.0%} / {accepted_all:.0%}"),
     ("tokens/s", "{tokens_per_s:,.0f}"), ("chars/s", "{chars_per_s:,.0f}"),
-    ("speedup vs AR (spread)", "{speedup:.2f}x ({spread:.0%})"), ("ceiling", "{ceiling:.2f}x"),
+    ("speedup vs AR", "{speedup:.2f}x"), ("spread", "{spread:.0%}"), ("ceiling", "{ceiling:.2f}x"),
     ("extra params", "{extra_params:,}"), ("extra persistent memory", "{extra_persistent_memory}"),
     ("distinct-8", "{distinct8:.2f}"), ("identical to AR", "{identical}/{prompts}"),
 ]
@@ -456,7 +458,8 @@ def suite_compare(args, device):
         print(table([("K", "{param}"), ("tokens/cycle, non-looping (n)", "{tokens_per_cycle_nonlooping:.2f} ({n_nonlooping})"),
                      ("looping (n)", "{tokens_per_cycle_looping:.2f} ({n_looping})"),
                      ("draft / verify pass ms", "{draft_ms:.2f} / {verify_ms:.2f}"),
-                     ("transient K/V of one draft block", "{transient}")], detail))
+                     ("transient K/V of one draft block", "{transient}"),
+                     ("cycles by accepted drafts 0, 1, ..., K-1", "{accepted_histogram}")], detail))
     print("\ntokens/cycle = committed tokens per verify pass of the base (one per cycle); tokens/forward counts "
           "every forward pass: Orthrus draft + verify, draft model gamma steps of the small model + verify, "
           f"prompt lookup verify only. distinct-8 < {args.loop_threshold} = looping text. spread = (slowest - fastest) "
@@ -498,7 +501,7 @@ def suite_ablations(args, device):
         print(f"\n### Denoising steps per draft (Orthrus K={K}, greedy, {len(prompts)} prompts x {n_new} tokens)\n")
         print(table([("denoising steps", "{steps}"), ("tokens/cycle", "{tokens_per_cycle:.2f}"),
                      ("tokens/forward (draft passes + verify)", "{tokens_per_forward:.2f}"),
-                     ("speedup vs AR (spread)", "{speedup:.2f}x ({spread:.0%})"),
+                     ("speedup vs AR", "{speedup:.2f}x"), ("spread", "{spread:.0%}"),
                      ("identical to AR", "{identical}/{prompts}")], records))
 
     if "heads" in which and args.heads:
@@ -511,7 +514,7 @@ def suite_ablations(args, device):
                                 "an ablation must compare heads of one base")
             _, other = load_model(hckpt, device, base.lm_head.weight.dtype)
             record = {"head": label, "loss": hckpt["train_config"].get("loss", "?"),
-                      "teacher_data": hckpt["train_config"].get("teacher_data", "?"), "step": hckpt.get("step", "?")}
+                      "teacher_data": hckpt.get("data_kind") or hckpt["train_config"].get("teacher_data", "?"), "step": hckpt.get("step", "?")}
             for mode in ("greedy", "sampling"):
                 for k in Ks:
                     runs = run_methods(base, [orthrus_method(base, other, k)], prompts, n_new, mode == "sampling", 1, device)

@@ -142,7 +142,7 @@ def add_dataclass_flags(parser, cls, skip=()):
             parser.add_argument(flag, type=_parse_bool, default=None, metavar="BOOL", help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            parser.add_argument(flag, type=kind, default=None, help=help_text)
+            parser.add_argument(flag, type=kind, default=None, choices=f.metadata.get("choices"), help=help_text)
     return parser
 
 
@@ -373,11 +373,18 @@ def set_threads(n: int):
 
 
 def read_data_meta(data_dir: str) -> dict:
-    """meta.json of a folder written by data/prepare.py (the one place it is read)."""
+    """meta.json of a folder written by data/prepare.py or data/self_distill.py (the one place it is read)."""
     import json
 
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
         raise UserError(f"no {path}: run `python data/prepare.py` first (or pass --data-dir)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, OSError) as e:  # bad JSON (a ValueError), unreadable file
+        raise UserError(f"{path} is not readable JSON ({type(e).__name__}); run `python data/prepare.py` again") from None
+    missing = [k for k in ("dtype", "tokenizer", "vocab_size", "eot_id") if k not in meta]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: not written by data/prepare.py; run it again")
+    return meta

@@ -68,7 +68,7 @@ class DiffusionHead(nn.Module):
         B, K = block.shape
         s = cache.length
         x = self.embed_block(base, block)  # (B, K, n_embd)
-        cos, sin = base.rope(s, s + K)
+        cos, sin = base.rope_cos[s : s + K], base.rope_sin[s : s + K]  # (K, D)
         for i, layer in enumerate(base.layers):
             attn = self.attn[i]
             q, k, v = attn.project(layer.input_layernorm(x), cos, sin)  # q (B,H,K,D), k/v (B,Hkv,K,D)
@@ -94,8 +94,7 @@ class DiffusionHead(nn.Module):
         block = torch.full((B, N, K), self.mask_id, dtype=idx.dtype, device=idx.device)
         block[:, :, 0] = idx[:, anchors]  # the pending token x_s opens each block
         x = self.embed_block(base, block.view(B, N * K))  # (B, N*K, n_embd)
-        cos_all, sin_all = base.rope(0, T)
-        cos, sin = cos_all[positions], sin_all[positions]  # (N*K, D)
+        cos, sin = base.rope_cos[positions], base.rope_sin[positions]  # (N*K, D)
         mask = training_attention_mask(anchors, T, K)  # (N*K, T + N*K)
         for i, layer in enumerate(base.layers):
             attn = self.attn[i]

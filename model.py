@@ -6,19 +6,8 @@ Layout of one layer (pre-norm, as in Qwen3):
     x = x + o_proj(attention(rope(q_norm(q_proj(rms(x)))), rope(k_norm(k_proj(rms(x)))), v_proj(rms(x))))
     x = x + down_proj(silu(gate_proj(rms(x))) * up_proj(rms(x)))
 
-Mapping onto a Hugging Face Qwen3 checkpoint (tensor for tensor, same shapes, no transposes):
-    model.embed_tokens.weight                        -> embed_tokens.weight
-    model.layers.{i}.input_layernorm.weight          -> layers.{i}.input_layernorm.weight
-    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight -> layers.{i}.self_attn.{q,k,v,o}_proj.weight
-    model.layers.{i}.self_attn.{q,k}_norm.weight     -> layers.{i}.self_attn.{q,k}_norm.weight
-    model.layers.{i}.post_attention_layernorm.weight -> layers.{i}.post_attention_layernorm.weight
-    model.layers.{i}.mlp.{gate,up,down}_proj.weight  -> layers.{i}.mlp.{gate,up,down}_proj.weight
-    model.norm.weight                                -> norm.weight
-    lm_head.weight                                   -> lm_head.weight (absent when tied)
-and config.json: hidden_size -> n_embd, intermediate_size -> mlp_hidden, num_hidden_layers ->
-n_layer, num_attention_heads -> n_head, num_key_value_heads -> n_kv_head, head_dim -> head_dim,
-rope_theta -> rope_theta, rms_norm_eps -> rms_norm_eps, tie_word_embeddings -> tie_embeddings,
-max_position_embeddings -> context_len.
+Tensor names and shapes are Hugging Face Qwen3's without the "model." prefix (lm_head.weight is
+absent when tied); pretrained.py maps config.json and GGUF files onto GPTConfig.
 
 The seam for the Orthrus diffusion view (diffusion_head.py): `Attention.project` turns hidden
 states into rotated q, k, v, and `Attention.o_proj` maps the attention output back. The head owns
@@ -34,9 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def config_field(default, help: str):
-    """A dataclass field that carries its help text (train.py turns each field into a flag)."""
-    return field(default=default, metadata={"help": help})
+def config_field(default, help: str, choices=None):
+    """A dataclass field that carries its help text and allowed values (each field becomes a flag)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
@@ -55,30 +44,24 @@ class GPTConfig:
     qk_norm: bool = config_field(True, "per-head RMSNorm on q and k before RoPE (Qwen3); false for Llama-family models")
 
     def __post_init__(self):
-        """Every value checked up front (flags and checkpoints both come through here): a bad one is
-        a UserError naming the field and its flag, never a NaN or a shape error later."""
-        from errors import UserError  # no cycle: errors.py imports nothing
+        """Every value checked up front (flags and checkpoints come through here): a bad one is a
+        UserError naming the field and its flag, never a NaN or a shape error later."""
+        from errors import UserError  # plain Python, imports nothing
 
-        def bad(name, want):
-            value = getattr(self, name)
-            return UserError(f"{name} (--{name.replace('_', '-')}) must be {want}, got {value!r}")
+        def check(names, ok, want):
+            for name in names:
+                value = getattr(self, name)
+                if isinstance(value, bool) != (want == "true or false") or not ok(value):
+                    raise UserError(f"{name} (--{name.replace('_', '-')}) must be {want}, got {value!r}")
 
-        for name in ("vocab_size", "context_len", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "mlp_hidden"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise bad(name, "an integer >= 1")
-        for name in ("rope_theta", "rms_norm_eps"):  # 0, negative, inf or NaN give NaN activations
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise bad(name, "a finite number > 0")
-        for name in ("tie_embeddings", "qk_norm"):
-            if not isinstance(getattr(self, name), bool):
-                raise bad(name, "true or false")
+        check(("vocab_size", "context_len", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "mlp_hidden"),
+              lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+        check(("rope_theta", "rms_norm_eps"),  # 0, negative, inf or NaN give NaN activations
+              lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0, "a finite number > 0")
+        check(("tie_embeddings", "qk_norm"), lambda v: True, "true or false")
         if self.n_head % self.n_kv_head != 0:
-            raise UserError(
-                f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}) for grouped-query attention; "
-                f"pick e.g. n_kv_head={math.gcd(self.n_head, self.n_kv_head)}"
-            )
+            raise UserError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}) for grouped-query "
+                            f"attention; pick e.g. n_kv_head={math.gcd(self.n_head, self.n_kv_head)}")
         if self.head_dim % 2 != 0:
             raise UserError(f"head_dim (--head-dim) must be even for rotary embeddings, got {self.head_dim}")
 
@@ -127,8 +110,7 @@ class KVCache:
 
 
 def kv_bytes(config: GPTConfig, positions: int, dtype=torch.float32) -> int:
-    """Bytes of keys and values for `positions` tokens over all layers: what a KV cache holds per
-    sequence, and what one Orthrus draft block holds transiently (positions = K)."""
+    """Bytes of K and V for `positions` tokens, all layers: a cache's size, or one draft block's (K)."""
     element = torch.empty((), dtype=dtype).element_size()
     return config.n_layer * 2 * positions * config.n_kv_head * config.head_dim * element
 
@@ -144,11 +126,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        if x.dtype != self.weight.dtype:
-            # under autocast the q/k norms get bf16 linear outputs while the weight stays fp32: rms_norm
-            # has no fused kernel for mixed dtypes (torch warns and falls back). Normalise in the wider
-            # dtype, hand back x's dtype (what the fallback returned too).
-            wide = torch.promote_types(x.dtype, self.weight.dtype)
+        if x.dtype != self.weight.dtype:  # autocast: bf16 q/k with an fp32 weight has no fused kernel
+            wide = torch.promote_types(x.dtype, self.weight.dtype)  # normalise in the wider dtype
             return F.rms_norm(x.to(wide), (x.size(-1),), self.weight.to(wide), self.eps).to(x.dtype)
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
@@ -272,28 +251,19 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # RoPE table for every position the model handles, built once; not saved in checkpoints.
-        # Like the weights it starts in the default dtype and follows the model's .to(dtype).
+        # RoPE for every position, built once, not saved; it follows the model's .to(dtype) like the weights
         cos, sin = rope_table(config.head_dim, config.context_len, config.rope_theta)
         self.register_buffer("rope_cos", cos.to(torch.get_default_dtype()), persistent=False)
         self.register_buffer("rope_sin", sin.to(torch.get_default_dtype()), persistent=False)
-        self.apply(self._init_weights)
-        # scaled init of the projections that write into the residual stream (GPT-2 / nanoGPT)
-        for name, p in self.named_parameters():
+        for module in self.modules():  # GPT-2 / nanoGPT init
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        for name, p in self.named_parameters():  # scaled where a layer writes into the residual stream
             if name.endswith("o_proj.weight") or name.endswith("down_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
-
-    def rope(self, start: int, end: int):
-        """cos, sin (end - start, head_dim) for absolute positions [start, end)."""
-        assert end <= self.config.context_len, f"position {end - 1} is past the context ({self.config.context_len})"
-        return self.rope_cos[start:end], self.rope_sin[start:end]
 
     def new_cache(self, batch_size: int = 1, capacity: int | None = None) -> KVCache:
         """A KV cache for `capacity` positions (default: the whole context), on the model's device
@@ -313,7 +283,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         n_past = 0 if cache is None else cache.length
         x = self.embed_tokens(idx)  # (B, T, n_embd)
-        cos, sin = self.rope(n_past, n_past + T)
+        cos, sin = self.rope_cos[n_past : n_past + T], self.rope_sin[n_past : n_past + T]  # (T, head_dim)
         mask = offset_causal_mask(n_past, T, device=idx.device) if cache is not None and T > 1 else None
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, mask)

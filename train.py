@@ -32,21 +32,21 @@ import torch
 import torch.nn.functional as F
 
 from common import (ArgumentParser, UserError, add_dataclass_flags, autocast, build_base, clean_state_dict, dataclass_from,
-                    load_checkpoint, pick_autocast_dtype, pick_device, run_cli, save_checkpoint, state_sha256,
-                    tokenizer_model_tensor)
+                    load_checkpoint, pick_autocast_dtype, pick_device, read_data_meta, run_cli, save_checkpoint,
+                    state_sha256, tokenizer_model_tensor)
 from diffusion_head import DiffusionHead, choose_anchors, expected_tokens_per_cycle, head_loss
-from model import GPT, GPTConfig, KVCache, config_field
+from model import GPT, GPTConfig, config_field
 from tokenizer import load_tokens
 
 
 @dataclass
 class TrainConfig:
-    stage: str = config_field("base", "'base' (pre-train the GPT) or 'head' (train the diffusion head of a frozen base)")
+    stage: str = config_field("base", "'base' (pre-train the GPT) or 'head' (train the diffusion head of a frozen base)", ("base", "head"))
     data_dir: str = config_field("data/stdlib", "folder written by data/prepare.py (train.bin, val.bin, meta.json)")
     out_dir: str = config_field("", "where ckpt.pt goes (default: out/base or out/head)")
     base_ckpt: str = config_field("", "head stage: the base checkpoint to freeze and distil from")
     device: str = config_field("auto", "auto, cpu, cuda, cuda:N or mps")
-    dtype: str = config_field("auto", "autocast dtype: auto (bf16 where native), float32 or bfloat16")
+    dtype: str = config_field("auto", "autocast dtype: auto (bf16 where native), float32 or bfloat16", ("auto", "float32", "bfloat16"))
     compile: bool = config_field(False, "base stage: torch.compile the training forward")
     seed: int = config_field(1337, "seeds the model init and the data/anchor sampler")
     max_steps: int = config_field(1000, "optimizer steps")
@@ -66,14 +66,9 @@ class TrainConfig:
     log_interval: int = config_field(10, "print the progress line every N steps")
     # head stage only
     draft_lens: str = config_field("8,16,32", "head: draft block lengths K to train, one drawn per step (comma list)")
-    anchors: str = config_field("random", "head: anchor placement, 'random' (2T/K distinct positions) or 'aligned' (every K)")
+    anchors: str = config_field("random", "head: anchor placement, 'random' (2T/K distinct positions) or 'aligned' (every K)", ("random", "aligned"))
     anchors_per_seq: int = config_field(0, "head: random anchors per sequence (0 = 2T/K)")
-    loss: str = config_field("kl", "head: 'kl' (distil the base's distribution) or 'ce' (data labels; ablation)")
-    teacher_data: str = config_field("corpus", "head: 'corpus' (training text) or 'self' (text sampled from the base itself)")
-    self_data_tokens: int = config_field(1_000_000, "head, --teacher-data self: tokens to generate")
-    self_temperature: float = config_field(0.8, "head, --teacher-data self: sampling temperature (greedy text of small models loops)")
-    self_top_k: int = config_field(0, "head, --teacher-data self: top-k for sampling (0 = off)")
-    self_prompt_len: int = config_field(32, "head, --teacher-data self: corpus tokens that prompt each generated row")
+    loss: str = config_field("kl", "head: 'kl' (distil the base's distribution) or 'ce' (data labels; ablation)", ("kl", "ce"))
 
 
 # Presets: named bundles of flags. Model fields (GPTConfig) apply to the base stage only.
@@ -116,52 +111,67 @@ PRESETS = {
 class TokenData:
     """Random training windows and fixed validation windows from the token files of prepare.py."""
 
-    def __init__(self, data_dir: str):
-        meta_path = os.path.join(data_dir, "meta.json")
-        if not os.path.isfile(meta_path):
-            raise UserError(f"no {meta_path}: run `python data/prepare.py` first (or pass --data-dir)")
-        try:
-            with open(meta_path, encoding="utf-8") as f:
-                self.meta = json.load(f)
-        except (ValueError, OSError) as e:  # bad JSON (a ValueError), unreadable file
-            raise UserError(f"{meta_path} is not readable JSON ({type(e).__name__}); run `python data/prepare.py` "
-                            "again") from None
-        missing = [k for k in ("dtype", "tokenizer", "vocab_size") if k not in self.meta]
-        if missing:
-            raise UserError(f"{meta_path} lacks {', '.join(missing)}: not written by data/prepare.py; run it again")
+    def __init__(self, data_dir: str, meta: dict | None = None):
+        self.data_dir, self.meta = data_dir, meta or read_data_meta(data_dir)
         try:
             self.train = load_tokens(os.path.join(data_dir, "train.bin"), self.meta["dtype"])
             self.val = load_tokens(os.path.join(data_dir, "val.bin"), self.meta["dtype"])
         except (ValueError, FileNotFoundError) as e:  # tokenizer.py: a missing or truncated token file
             raise UserError(str(e)) from None
 
-    def check_length(self, length: int, data_dir: str, what: str):
+    def check_length(self, length: int, what: str):
         """Both splits must hold more than one window of `length` tokens: found now, not at the first
         evaluation after minutes of training."""
         for split in ("train", "val"):
             n = getattr(self, split).numel()
             if n <= length:
-                raise UserError(f"{data_dir}/{split}.bin has {n} tokens, too few for {what} of {length}: prepare more "
-                                "text (data/prepare.py; for val, a larger --val-fraction) or lower --seq-len")
+                raise UserError(f"{self.data_dir}/{split}.bin has {n} tokens, too few for {what} of {length}: prepare "
+                                "more text (data/prepare.py; for val, a larger --val-fraction) or lower --seq-len")
 
-    def windows(self, split_tokens, batch_size: int, length: int, generator: torch.Generator):
-        """(batch_size, length) int64 windows starting at random offsets."""
-        n = split_tokens.numel() - length
-        if n <= 0:
-            raise UserError(f"the data has {split_tokens.numel()} tokens, too few for windows of {length}")
-        starts = torch.randint(0, n, (batch_size,), generator=generator).tolist()
-        return torch.stack([split_tokens[s : s + length].long() for s in starts])
+    def train_windows(self, batch_size: int, length: int, generator: torch.Generator):
+        return windows(self.train, batch_size, length, generator)
+
+    def val_windows(self, batch_size: int, length: int, generator: torch.Generator):
+        return windows(self.val, batch_size, length, generator)
 
 
-class RowData:
-    """Fixed rows of generated text (teacher data 'self'), drawn at random."""
+class SelfDistilledData(TokenData):
+    """Rows the base wrote itself (data/self_distill.py) for training, drawn at random; validation
+    windows from the corpus the prompts came from (held-out text)."""
 
-    def __init__(self, rows: torch.Tensor):
-        self.rows = rows
+    def __init__(self, data_dir: str, meta: dict):
+        super().__init__(meta["source_data_dir"], read_data_meta(meta["source_data_dir"]))
+        self.data_dir, self.meta = data_dir, meta
+        shards = sorted(f for f in os.listdir(data_dir) if f.startswith("rows_") and f.endswith(".pt"))
+        if not shards:
+            raise UserError(f"{data_dir} holds no rows yet: run data/self_distill.py to the end")
+        try:
+            self.rows = torch.cat([torch.load(os.path.join(data_dir, f), weights_only=True) for f in shards])
+        except Exception as e:  # a damaged shard: say which folder and how to regenerate it
+            raise UserError(f"a shard in {data_dir} is not readable ({type(e).__name__}); delete it and run "
+                            "data/self_distill.py again") from None
 
-    def windows(self, _split, batch_size, length, generator):
+    def check_length(self, length: int, what: str):
+        if self.rows.size(1) < length:
+            raise UserError(f"{self.data_dir} holds rows of {self.rows.size(1)} tokens, too short for {what} of "
+                            f"{length}: lower --seq-len or generate longer rows (--row-len)")
+        super().check_length(length, what)
+
+    def train_windows(self, batch_size, length, generator):
         pick = torch.randint(0, self.rows.size(0), (batch_size,), generator=generator)
         return self.rows[pick, :length]
+
+
+def load_data(data_dir: str) -> TokenData:
+    """The training data in `data_dir`: a prepared corpus, or rows the base wrote itself."""
+    meta = read_data_meta(data_dir)
+    return SelfDistilledData(data_dir, meta) if meta.get("kind") == "self-distilled" else TokenData(data_dir, meta)
+
+
+def windows(tokens, batch_size: int, length: int, generator: torch.Generator):
+    """(batch_size, length) int64 windows of a token stream, starting at random offsets."""
+    starts = torch.randint(0, tokens.numel() - length, (batch_size,), generator=generator).tolist()
+    return torch.stack([tokens[s : s + length].long() for s in starts])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +303,7 @@ def train_base(cfg: TrainConfig, model_cfg: GPTConfig, resume_ckpt=None):
     device = pick_device(cfg.device)
     amp = pick_autocast_dtype(device, cfg.dtype)
     data = TokenData(cfg.data_dir)
-    data.check_length(seq_len + 1, cfg.data_dir, "training windows")
+    data.check_length(seq_len + 1, "training windows")
     if model_cfg.vocab_size != data.meta["vocab_size"]:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=data.meta["vocab_size"])
     try:  # read once, now: a missing tokenizer.model must not surface at the first save
@@ -317,7 +327,7 @@ def train_base(cfg: TrainConfig, model_cfg: GPTConfig, resume_ckpt=None):
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), idx[:, 1:].reshape(-1))
 
     def step_loss():
-        return lm_loss(data.windows(data.train, cfg.batch_size, seq_len + 1, gen).to(device))
+        return lm_loss(data.train_windows(cfg.batch_size, seq_len + 1, gen).to(device))
 
     val_loss = [float("nan")]
 
@@ -325,7 +335,7 @@ def train_base(cfg: TrainConfig, model_cfg: GPTConfig, resume_ckpt=None):
     def evaluate(step):
         model.eval()
         g = torch.Generator().manual_seed(12345)  # the same windows at every evaluation
-        losses = [lm_loss(data.windows(data.val, cfg.batch_size, seq_len + 1, g).to(device)).item()
+        losses = [lm_loss(data.val_windows(cfg.batch_size, seq_len + 1, g).to(device)).item()
                   for _ in range(cfg.eval_batches)]
         model.train()
         val_loss[0] = sum(losses) / len(losses)
@@ -365,36 +375,11 @@ def base_kv_and_logits(base: GPT, idx: torch.Tensor):
     """The frozen base's forward over idx: teacher logits (B, T, V) and every layer's K/V, taken
     from a KV cache exactly as the AR view writes it at inference time."""
     B, T = idx.shape
-    cache = KVCache(base.config, B, T, device=idx.device, dtype=base.lm_head.weight.dtype)
+    cache = base.new_cache(batch_size=B, capacity=T)
     logits = base(idx, cache, logits="all")
     ks = [cache.k[i, :, :, :T] for i in range(base.config.n_layer)]
     vs = [cache.v[i, :, :, :T] for i in range(base.config.n_layer)]
     return logits, ks, vs
-
-
-@torch.no_grad()
-def sample_self_data(base: GPT, prompts: torch.Tensor, length: int, temperature: float, top_k: int,
-                     generator: torch.Generator, batch_size: int = 64) -> torch.Tensor:
-    """Rows of `length` tokens: each corpus prompt continued by the base's own samples
-    (the paper's self-distillation data). Sampled, not greedy: greedy text of small models loops."""
-    from sampling import logits_to_probs, sample_from
-    rows, t0 = [], time.time()
-    for i in range(0, prompts.size(0), batch_size):
-        p = prompts[i : i + batch_size]
-        cache = KVCache(base.config, p.size(0), length, device=p.device, dtype=base.lm_head.weight.dtype)
-        out = [p]
-        logits = base(p, cache, logits="last")[:, 0]
-        for _ in range(length - p.size(1)):
-            nxt = sample_from(logits_to_probs(logits.float(), temperature, top_k, 1.0), generator).view(-1, 1)
-            out.append(nxt)
-            if cache.length < length - 1:
-                logits = base(nxt, cache, logits="last")[:, 0]
-        rows.append(torch.cat(out, 1)[:, :length])
-        done = min(i + batch_size, prompts.size(0))
-        rate = done * length / (time.time() - t0)
-        print(f"self data: {done}/{prompts.size(0)} rows | {rate:,.0f} tok/s | "
-              f"ETA {fmt_time((prompts.size(0) - done) * length / rate)}", flush=True)
-    return torch.cat(rows)
 
 
 def train_head(cfg: TrainConfig, resume_ckpt=None):
@@ -406,7 +391,7 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
         raise UserError(f"draft length {draft_lens[-1]} is too long for training sequences of {cfg.seq_len} tokens")
     device = pick_device(cfg.device)
     amp = pick_autocast_dtype(device, cfg.dtype)
-    data = TokenData(cfg.data_dir)  # before the base checkpoint: the cheaper check first
+    data = load_data(cfg.data_dir)  # before the base checkpoint: the cheaper check first
     base_ckpt = load_checkpoint(base_path)
     base = build_base(base_ckpt, device)
     base.requires_grad_(False).eval()  # frozen: no gradients, no dropout-like behaviour changes
@@ -423,10 +408,10 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
         raise UserError(f"--seq-len {seq_len} exceeds the base model's context length {base.config.context_len}")
     if draft_lens[-1] > seq_len // 2:
         raise UserError(f"draft length {draft_lens[-1]} is too long for training sequences of {seq_len} tokens")
-    if cfg.teacher_data == "self" and cfg.self_prompt_len >= seq_len:
-        raise UserError(f"--self-prompt-len {cfg.self_prompt_len} leaves nothing to generate in rows of {seq_len} "
-                        "tokens; use a shorter prompt")
-    data.check_length(seq_len, cfg.data_dir, "training windows")
+    if data.meta.get("base_sha256") not in (None, base_hash):
+        raise UserError(f"{cfg.data_dir} was written by another base model (data/self_distill.py records its sha256); "
+                        "generate it with this --base-ckpt")
+    data.check_length(seq_len, "training windows")
     torch.manual_seed(cfg.seed)
     head = DiffusionHead(base, base_ckpt["tokenizer"]["mask_id"], draft_lens).to(device)
     optimizer = make_optimizer(head, cfg, device)
@@ -435,28 +420,6 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
     n_head, n_base = sum(p.numel() for p in head.parameters()), base.num_params()
     print(f"head: {n_head / 1e6:.2f}M trainable parameters = {100 * n_head / (n_head + n_base):.1f}% of base+head "
           f"({n_base / 1e6:.2f}M frozen); draft lengths {draft_lens}, anchors {cfg.anchors}, loss {cfg.loss}")
-
-    source = data
-    if cfg.teacher_data == "self":
-        rows_path = os.path.join(out_dir(cfg), "self_data.pt")
-        if os.path.exists(rows_path):
-            try:
-                rows = torch.load(rows_path, weights_only=True)
-            except Exception as e:  # a damaged file: say which and how to regenerate it
-                raise UserError(f"{rows_path} is not readable ({type(e).__name__}); delete it to generate the "
-                                "self data again") from None
-            if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.size(1) < seq_len:
-                raise UserError(f"{rows_path} does not hold rows of {seq_len} tokens; delete it to generate the "
-                                "self data again")
-            print(f"self data: reusing {rows_path} ({rows.numel():,} tokens)")
-        else:
-            n_rows = max(1, cfg.self_data_tokens // seq_len)
-            prompts = data.windows(data.train, n_rows, cfg.self_prompt_len, torch.Generator().manual_seed(cfg.seed + 1))
-            sampler_gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
-            rows = sample_self_data(base, prompts.to(device), seq_len, cfg.self_temperature, cfg.self_top_k,
-                                    sampler_gen).cpu()
-            save_checkpoint(rows, rows_path)
-        source = RowData(rows)
 
     def block_loss(idx, K, anchors):
         with autocast(device, amp):
@@ -468,7 +431,7 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
     def step_loss():
         K = draft_lens[torch.randint(len(draft_lens), (1,), generator=gen).item()]
         anchors = choose_anchors(seq_len, K, cfg.anchors, gen, cfg.anchors_per_seq)
-        idx = source.windows(data.train, cfg.batch_size, seq_len, gen).to(device)
+        idx = data.train_windows(cfg.batch_size, seq_len, gen).to(device)
         return block_loss(idx, K, anchors)[0]
 
     @torch.no_grad()
@@ -479,7 +442,7 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
             anchors = choose_anchors(seq_len, K, "aligned", g)
             losses, agree = [], 0
             for _ in range(cfg.eval_batches):
-                loss, a = block_loss(data.windows(data.val, cfg.batch_size, seq_len, g).to(device), K, anchors)
+                loss, a = block_loss(data.val_windows(cfg.batch_size, seq_len, g).to(device), K, anchors)
                 losses.append(loss.item())
                 agree = agree + a.mean(0)  # (K-1,) agreement at each block index
             agree = agree / cfg.eval_batches
@@ -496,7 +459,7 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
             "model_config": dict(base_ckpt["model_config"]), "model": clean_state_dict(base),
             "tokenizer": base_ckpt["tokenizer"], "data_dir": cfg.data_dir,
             "tokenizer_model": base_ckpt.get("tokenizer_model"),
-            "head_config": head.head_config(), "head": clean_state_dict(head),
+            "head_config": head.head_config(), "head": clean_state_dict(head), "data_kind": data.meta.get("kind", "corpus"),
             "base_ckpt": base_path, "base_sha256": base_hash,
             "optimizer": optimizer.state_dict(), "data_rng": gen.get_state(), "step": step,
             "train_config": dataclasses.asdict(cfg),
@@ -557,15 +520,14 @@ def check_train_config(cfg: TrainConfig):
         v = getattr(cfg, name)
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-    choices = {"stage": ("base", "head"), "dtype": ("auto", "float32", "bfloat16"), "loss": ("kl", "ce"),
-               "anchors": ("random", "aligned"), "teacher_data": ("corpus", "self")}
+    choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(TrainConfig) if f.metadata.get("choices")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise UserError(f"unknown {flag(name)} {getattr(cfg, name)!r}: use {' or '.join(map(repr, allowed))}")
     for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "ckpt_interval",
-                 "log_interval", "self_data_tokens", "self_prompt_len"):
+                 "log_interval"):
         need(is_int(name) and getattr(cfg, name) >= 1, name, ">= 1")
-    for name in ("seed", "seq_len", "warmup_steps", "anchors_per_seq", "self_top_k"):
+    for name in ("seed", "seq_len", "warmup_steps", "anchors_per_seq"):
         need(is_int(name) and getattr(cfg, name) >= 0, name, "an integer >= 0")
     need(is_num("lr") and cfg.lr > 0, "lr", "a finite number > 0")
     need(is_num("min_lr_ratio") and 0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio",
@@ -574,7 +536,6 @@ def check_train_config(cfg: TrainConfig):
     for name in ("beta1", "beta2"):
         need(is_num(name) and 0 <= getattr(cfg, name) < 1, name, "in [0, 1)")
     need(is_num("grad_clip") and cfg.grad_clip >= 0, "grad_clip", "a finite number >= 0 (0 = off)")
-    need(is_num("self_temperature") and cfg.self_temperature > 0, "self_temperature", "a finite number > 0")
     parse_draft_lens(cfg.draft_lens)
 
 
@@ -647,6 +608,9 @@ def main(argv=None):
     cfg, model_cfg = configs_from_args(args)  # every flag is checked before anything is read
     pick_device(cfg.device, verbose=False)
     check_out_dir(cfg)
+    if not args.resume and os.path.exists(ckpt_path(cfg)):  # training never loses work
+        raise UserError(f"{ckpt_path(cfg)} already exists: continue it with --resume (a larger --max-steps trains it "
+                        "further), or pass another --out-dir")
     if not args.resume and cfg.stage == "head" and not cfg.base_ckpt:
         raise UserError("--stage head needs --base-ckpt PATH (a checkpoint from `python train.py --stage base`)")
     if not args.resume and not os.path.isfile(os.path.join(cfg.data_dir, "meta.json")):

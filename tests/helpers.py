@@ -35,12 +35,16 @@ def single_thread():
         torch.set_num_threads(n)
 
 
-def load_prepare():
-    """data/prepare.py as a module (data/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("prepare", os.path.join(ROOT, "data", "prepare.py"))
+def load_script(name):
+    """data/<name>.py as a module (data/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "data", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_prepare():
+    return load_script("prepare")
 
 
 def write_corpus(folder, n_files=6, chars_per_file=9000, seed=0):

@@ -3,6 +3,7 @@ interrupted run resumes bit-identically, checkpoints are plain data written atom
 stage leaves its frozen base bit-identical, and every user mistake is one `error:` line with exit
 code 2. The tiny base and head are trained once per session (helpers.tiny_run)."""
 
+import contextlib
 import io
 import os
 import re
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 import common
 import train as train_script
 from common import load_checkpoint, load_model, run_cli, save_checkpoint, state_sha256
-from helpers import CPU, ROOT, expect_user_error, prepare_data, train
+from helpers import CPU, ROOT, expect_user_error, load_script, prepare_data, train
 from model import GPT, GPTConfig
 from tokenizer import ByteTokenizer, load_tokens
 
@@ -169,7 +170,7 @@ BASE_ERRORS = [
     (["--data-dir", "{tmp}/missing"], "data/prepare.py"),
     (["--n-head", "4", "--n-kv-head", "3"], "must divide n_head"),
     (["--preset", "huge"], "unknown --preset 'huge'"),
-    (["--stage", "middle"], "unknown --stage"),
+    (["--stage", "middle"], "argument --stage: invalid choice: 'middle' (choose from 'base', 'head')"),
     (["--seq-len", "100"], "exceeds the model's --context-len 64"),
     (["--max-steps", "0"], "--max-steps must be >= 1"),
     (["--resume"], "not found"),
@@ -184,7 +185,7 @@ BASE_ERRORS = [
     (["--lr", "0"], "--lr must be a finite number > 0"),
     (["--beta2", "1"], "--beta2 must be in [0, 1)"),
     (["--warmup-steps", "-1"], "--warmup-steps must be an integer >= 0"),
-    (["--dtype", "fp8"], "unknown --dtype 'fp8'"),
+    (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
     (["--device", "meta"], "available here: auto, cpu"),
     (["--device", "nonsense"], "unknown --device 'nonsense'"),
     (["--out-dir", "{file}"], "is a file; pass a folder"),
@@ -207,14 +208,15 @@ def test_flags_are_checked_before_anything_is_read(tiny, tmp_path, capsys, monke
     def never(*args, **kwargs):
         raise AssertionError("loaded something before checking every flag")
 
-    for name in ("TokenData", "load_checkpoint", "GPT", "DiffusionHead"):
+    for name in ("TokenData", "load_data", "load_checkpoint", "GPT", "DiffusionHead"):
         monkeypatch.setattr(train_script, name, never)
     head = ["--stage", "head", "--preset", "tiny", "--data-dir", tiny["data"], "--base-ckpt", tiny["base"],
             "--out-dir", tmp_path / "h", *CPU]
-    for extra, message in ((["--loss", "mse"], "unknown --loss 'mse'"), (["--anchors", "x"], "unknown --anchors"),
+    for extra, message in ((["--loss", "mse"], "invalid choice: 'mse' (choose from 'kl', 'ce')"),
+                           (["--anchors", "x"], "argument --anchors: invalid choice"),
                            (["--draft-lens", "4,x"], "comma list of integers"),
                            (["--seq-len", "16", "--draft-lens", "4,9"], "too long for training sequences of 16"),
-                           (["--self-temperature", "0"], "--self-temperature must be a finite number > 0"),
+                           (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
                            (["--n-layer", "3"], "--n-layer: model flags apply to --stage base only"),
                            (["--device", "cuda:7"], "--device cuda:7")):
         if extra[:2] == ["--device", "cuda:7"] and "cuda:7" in common.available_devices():
@@ -365,18 +367,51 @@ def test_head_resumes_bit_identically(tiny, tmp_path, monkeypatch):
         assert_identical(straight[key], resumed[key], key)
 
 
-def test_head_on_self_generated_data(tiny, tmp_path):
+def test_fresh_run_never_overwrites_a_checkpoint(tiny, tmp_path, capsys):
+    """A new run pointed at a folder that already holds ckpt.pt is refused (the earlier run's work
+    would be replaced at the first save); --resume is the way to continue it."""
+    out = tmp_path / "base"
+    out.mkdir()
+    shutil.copy(tiny["base"], out / "ckpt.pt")
+    before = (out / "ckpt.pt").read_bytes()
+    line = expect_user_error(train_script.main, ["--preset", "tiny", "--data-dir", tiny["data"], "--out-dir", out, *CPU],
+                             capsys)
+    assert "already exists: continue it with --resume" in line
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
+def test_head_on_self_distilled_data(tiny, tmp_path, capsys):
+    """data/self_distill.py writes rows the base sampled after corpus prompts; the head stage trains
+    on them (and evaluates on the corpus's held-out split); a head for another base is refused."""
     out = tmp_path / "self"
-    _, log = train(["--stage", "head", "--preset", "tiny", "--data-dir", tiny["data"], "--base-ckpt", tiny["base"],
-                    "--out-dir", out, "--teacher-data", "self", "--self-data-tokens", 256, "--max-steps", 2, *CPU])
-    assert "self data: 4/4 rows" in log
-    rows = load(out / "self_data.pt")
-    assert rows.shape == (4, 64) and rows.dtype == torch.long  # 256 tokens // seq_len 64
+    distill = [str(a) for a in ("--base-ckpt", tiny["base"], "--data-dir", tiny["data"], "--out-dir", out,
+                                "--tokens", 256, "--batch-size", 2, "--device", "cpu")]
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        assert load_script("self_distill").main(distill) == 0
+    assert "shard 2/2" in log.getvalue() and "ETA" in log.getvalue()
+    rows = torch.cat([load(out / "rows_00000.pt"), load(out / "rows_00001.pt")])
+    assert rows.shape == (4, 64) and rows.dtype == torch.long  # 256 tokens // row_len 64 (the context)
     assert 0 <= int(rows.min()) and int(rows.max()) < 258
     corpus = ByteTokenizer().decode(load_tokens(os.path.join(tiny["data"], "train.bin"), "uint16").long())
     for row in rows:  # each row continues a 32-token prompt taken from the training text
         assert ByteTokenizer().decode(row[:32]) in corpus
-    assert load(out / "ckpt.pt")["step"] == 2
+    # resumable: a second run with the same flags finds every shard and writes nothing new
+    before = (out / "rows_00001.pt").stat().st_mtime_ns
+    with contextlib.redirect_stdout(io.StringIO()):
+        load_script("self_distill").main(distill)
+    assert (out / "rows_00001.pt").stat().st_mtime_ns == before
+    _, log = train(["--stage", "head", "--preset", "tiny", "--data-dir", out, "--base-ckpt", tiny["base"],
+                    "--out-dir", tmp_path / "head", "--max-steps", 2, *CPU])
+    ckpt = load(tmp_path / "head" / "ckpt.pt")
+    assert ckpt["step"] == 2 and ckpt["data_kind"] == "self-distilled"
+    other = tmp_path / "other_base.pt"
+    base = load(tiny["base"])
+    base["model"]["norm.weight"] = base["model"]["norm.weight"] + 1.0
+    save_checkpoint(base, str(other))
+    line = expect_user_error(train_script.main, ["--stage", "head", "--preset", "tiny", "--data-dir", out,
+                                                 "--base-ckpt", other, "--out-dir", tmp_path / "h2", *CPU], capsys)
+    assert "written by another base model" in line
 
 
 def _replaced_base_resume(tiny, tmp_path):
@@ -399,7 +434,7 @@ HEAD_ERRORS = [
     ("draft_lens_1", "--draft-lens needs lengths >= 2"),
     ("draft_lens_junk", "comma list of integers"),
     ("draft_len_too_long", "too long for training sequences of 64"),
-    ("teacher_data_typo", "unknown --teacher-data"),
+    ("loss_typo", "invalid choice: 'kll'"),
     ("replaced_base", "sha256 differs"),
 ]
 
@@ -420,8 +455,8 @@ def test_head_stage_bad_input(tiny, tmp_path, capsys, case, message):
         argv += ["--draft-lens", "4,x"]
     elif case == "draft_len_too_long":
         argv += ["--draft-lens", "4,33"]
-    elif case == "teacher_data_typo":
-        argv += ["--teacher-data", "selff"]
+    elif case == "loss_typo":
+        argv += ["--loss", "kll"]
     elif case == "replaced_base":
         argv = _replaced_base_resume(tiny, tmp_path)
     assert message in expect_user_error(train_script.main, argv, capsys)
