@@ -72,6 +72,7 @@ errors.UserError saying what was wrong and how to fix it.
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -230,6 +231,20 @@ class _Filler:
             raise UserError(f"{self.where}: tensor {source_name or name} appears twice")
         with torch.no_grad():
             p.copy_(tensor)
+        self.filled.add(name)
+
+    def in_chunks(self, name, shape, chunks, source_name=None):
+        """Fill a parameter of `shape` from (first row, rows) pieces covering it in order."""
+        p = self.params.get(name)
+        if p is None or tuple(shape) != tuple(p.shape) or name in self.filled:
+            return self(name, torch.empty(shape, device="meta"), source_name)  # the same one-line errors
+        done = 0
+        with torch.no_grad():
+            for start, rows in chunks:
+                assert start == done, "chunks must cover the tensor in order"
+                p[start:start + rows.shape[0]].copy_(rows)
+                done += rows.shape[0]
+        assert done == shape[0], f"{name}: {done} of {shape[0]} rows filled"
         self.filled.add(name)
 
     def check_complete(self, what="weights"):
@@ -508,7 +523,6 @@ def gguf_config(fields: dict, tensor_shapes: dict, where: str, context_len=None)
 
 def _load_gguf(path, device, dtype, context_len, mask_id):
     import gguf
-    import numpy as np
 
     from tokenizer import BPETokenizer, gguf_fields
 
@@ -527,6 +541,10 @@ def _load_gguf(path, device, dtype, context_len, mask_id):
                             f"dequantize; re-quantize the model (e.g. llama-quantize ... Q8_0) or use F16")
     tok = BPETokenizer.from_gguf_fields(fields, path=path, vocab_size=config.vocab_size, mask_id=mask_id)
     arch = fields["general.architecture"]
+    stop = [fields.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot")] + [tok.eot_id]
+    stop = [int(i) for i in dict.fromkeys(i for i in stop if i is not None)]
+    del fields
+    reader.fields.clear()  # the metadata's Python objects (~150 MB for a 49k vocabulary) go before the weights come
     base, _ = empty_models(config, device, dtype)
     fill = _Filler(dict(base.named_parameters()), path)
     types = Counter()
@@ -540,25 +558,33 @@ def _load_gguf(path, device, dtype, context_len, mask_id):
         if name is None:
             raise UserError(f"{path}: unexpected tensor {t.name}; not a supported {arch} model")
         types[t.tensor_type.name] += 1
-        if t.tensor_type == gguf.GGMLQuantizationType.F64:
-            w = np.asarray(t.data).view(np.float64)
-        else:
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
-        w = np.asarray(w, dtype=np.float32)
-        w = torch.from_numpy(w if w.flags.writeable else w.copy()).reshape(tuple(reversed(shapes[t.name])))
-        if arch == "llama" and name.endswith("self_attn.q_proj.weight"):
-            w = unpermute_qk(w, config.n_head)
-        elif arch == "llama" and name.endswith("self_attn.k_proj.weight"):
-            w = unpermute_qk(w, config.n_kv_head)
-        fill(name, w, t.name)
-        del w
+        shape = tuple(reversed(shapes[t.name]))  # GGUF lists dimensions innermost first
+        heads = {"q_proj": config.n_head, "k_proj": config.n_kv_head}.get(name.split(".")[-2]) if arch == "llama" else None
+        if heads is not None:  # llama.cpp's rotary row order -> Hugging Face's (whole tensor: rows move)
+            fill(name, unpermute_qk(_gguf_rows(t, 0, shape[0]).reshape(shape), heads), t.name)
+        else:  # row chunks of about 4M values: the float32 copy of a big matrix never exists whole
+            step = max(1, (1 << 22) // max(1, math.prod(shape[1:])))
+            fill.in_chunks(name, shape, ((a, _gguf_rows(t, a, min(a + step, shape[0])).reshape(-1, *shape[1:]))
+                                         for a in range(0, shape[0], step)), t.name)
     fill.check_complete()
-    stop = [fields.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot")] + [tok.eot_id]
-    stop = [int(i) for i in dict.fromkeys(i for i in stop if i is not None)]
     info = {"format": "gguf", "architecture": arch, "source_dtypes": dict(types), "stop_ids": stop,
             "context_len_source": f"{arch}.context_length" if context_len is None else "context_len argument",
             "notes": [f"{arch} attn_q/attn_k un-permuted from llama.cpp's layout"] if arch == "llama" else []}
     return base, None, tok, info
+
+
+def _gguf_rows(t, start, end) -> torch.Tensor:
+    """Rows [start, end) of a GGUF tensor (outermost dimension), dequantized to float32."""
+    import gguf
+    import numpy as np
+
+    data = t.data[start:end]  # numpy order: (rows, ...) for float types, (rows, bytes) for quantized ones
+    if t.tensor_type == gguf.GGMLQuantizationType.F64:
+        w = np.asarray(data).view(np.float64)
+    else:
+        w = gguf.quants.dequantize(data, t.tensor_type)
+    w = np.asarray(w, dtype=np.float32)
+    return torch.from_numpy(w if w.flags.writeable else w.copy())
 
 
 # ---------------------------------------------------------------------------------------------
