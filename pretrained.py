@@ -86,6 +86,7 @@ from model import GPT, GPTConfig
 
 OFFICIAL_DIFF = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")  # head.attn[i].<name>
 BASE_ROWS_FILE = "orthrus_base_rows.safetensors"
+CHUNK_VALUES = 1 << 22  # big tensors are read and converted in row chunks of about this many values
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 # GGUF tensor names -> ours ({i} = layer)
@@ -338,7 +339,8 @@ def _weight_files(folder):
 
 
 def _iter_safetensors(files, weight_map, where):
-    """(name, tensor) for every tensor of every file, read one at a time."""
+    """(name, safetensors slice) for every tensor of every file, one at a time; read the slice
+    (`_put`) while the next one is not yet asked for (its file is open until then)."""
     from safetensors import safe_open
 
     seen = set()
@@ -350,7 +352,7 @@ def _iter_safetensors(files, weight_map, where):
                         raise UserError(f"{where}: tensor {name} is in {os.path.basename(path)} but the index says "
                                         f"{weight_map.get(name)}; the index is damaged")
                     seen.add(name)
-                    yield name, f.get_tensor(name)
+                    yield name, f.get_slice(name)
         except UserError:
             raise
         except Exception as e:  # safetensors raises its own error types for damaged files
@@ -358,6 +360,16 @@ def _iter_safetensors(files, weight_map, where):
     if weight_map is not None and set(weight_map) - seen:
         missing = sorted(set(weight_map) - seen)
         raise UserError(f"{where}: {len(missing)} tensor(s) listed in the index are not in their shard, e.g. {missing[0]}")
+
+
+def _put(fill, name, sl, source_name):
+    """Copy a safetensors slice into a parameter, in row chunks of about CHUNK_VALUES values (a
+    big bf16 matrix is never converted whole)."""
+    shape = tuple(sl.get_shape())
+    if len(shape) < 2 or math.prod(shape) <= CHUNK_VALUES:
+        return fill(name, sl[:], source_name)
+    step = max(1, CHUNK_VALUES // math.prod(shape[1:]))
+    fill.in_chunks(name, shape, ((a, sl[a:a + step]) for a in range(0, shape[0], step)), source_name)
 
 
 def _load_hf_folder(folder, device, dtype, context_len, mask_id):
@@ -396,23 +408,22 @@ def _load_hf_folder(folder, device, dtype, context_len, mask_id):
     diff_re = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj|q_norm|k_norm)_diff\.weight$")
     types = Counter()
     for name, t in _iter_safetensors(files, weight_map, folder):
-        types[str(t.dtype).replace("torch.", "")] += 1
+        types[t.get_dtype()] += 1
         m = diff_re.match(name)
         if m:
             if head_fill is None:
                 raise UserError(f"{folder}: weights hold Orthrus head tensors ({name}) but config.json lacks block_size "
                                 f"and mask_token_id; add them (official Orthrus format)")
-            head_fill(name, t)
+            _put(head_fill, name, t, name)
         elif name == "lm_head.weight":
             if config.tie_embeddings:
                 notes.append("tied model: the stored lm_head.weight was ignored")
             else:
-                fill("lm_head.weight", t, name)
+                _put(fill, "lm_head.weight", t, name)
         elif name.startswith("model.") and not name.endswith("rotary_emb.inv_freq"):
-            fill(name[len("model."):], t, name)
+            _put(fill, name[len("model."):], t, name)
         elif not name.endswith("rotary_emb.inv_freq"):
-            fill(name, t, name)  # raises: unexpected tensor
-        del t
+            _put(fill, name, t, name)  # raises: unexpected tensor
     fill.check_complete()
     info = {"format": "hf", "architecture": cfg["model_type"], "source_dtypes": dict(types),
             "context_len_source": "max_position_embeddings" if context_len is None else "context_len argument",
@@ -563,7 +574,7 @@ def _load_gguf(path, device, dtype, context_len, mask_id):
         if heads is not None:  # llama.cpp's rotary row order -> Hugging Face's (whole tensor: rows move)
             fill(name, unpermute_qk(_gguf_rows(t, 0, shape[0]).reshape(shape), heads), t.name)
         else:  # row chunks of about 4M values: the float32 copy of a big matrix never exists whole
-            step = max(1, (1 << 22) // max(1, math.prod(shape[1:])))
+            step = max(1, CHUNK_VALUES // max(1, math.prod(shape[1:])))
             fill.in_chunks(name, shape, ((a, _gguf_rows(t, a, min(a + step, shape[0])).reshape(-1, *shape[1:]))
                                          for a in range(0, shape[0], step)), t.name)
     fill.check_complete()

@@ -889,3 +889,18 @@ def test_chat_prompt_refuses_a_model_without_chat_format(tmp_path):
     tok = tk.BPETokenizer.from_file(str(tmp_path))
     _one_line_user_error(lambda: pretrained.chat_prompt(tok, "hi"), "no chat format")
     _one_line_user_error(lambda: pretrained.chat_prompt(tk.ByteTokenizer(), "hi"), "no chat format")
+
+
+def test_big_tensors_are_read_in_row_chunks(tmp_path, monkeypatch):
+    """With a tiny chunk size every matrix goes through the chunked path: same logits."""
+    monkeypatch.setattr(pretrained, "CHUNK_VALUES", 100)
+    cfg, sd = write_hf_folder(tmp_path / "hf", tied=False)
+    base, _, _, _ = pretrained.load_pretrained(str(tmp_path / "hf"))
+    x = sample_ids(base.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(base(x), native_gpt(cfg, sd)(x))
+    expected, config = write_gguf(tmp_path / "t.gguf", "qwen3", mixed_types())
+    base, _, _, _ = pretrained.load_pretrained(str(tmp_path / "t.gguf"))
+    x = sample_ids(config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(base(x), native_from(expected, config)(x))
