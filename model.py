@@ -152,15 +152,23 @@ def rope_table(head_dim: int, n_positions: int, theta: float):
     return angles.cos(), angles.sin()
 
 
-def offset_causal_mask(n_past: int, n_new: int, device=None):
+def offset_causal_mask(n_past: int, n_new: int, device=None, pad=None):
     """Boolean mask (n_new, n_past + n_new), True = may attend.
 
     New token i sits at absolute position n_past + i; it sees every cached position and the new
     tokens up to itself: key j is visible iff j <= n_past + i. With n_past = 0 this is the usual
-    lower-triangular causal mask; with n_new = 1 it is all True (one decode step sees everything)."""
+    lower-triangular causal mask; with n_new = 1 it is all True (one decode step sees everything).
+
+    pad (B,) long: batched rows of different lengths, left-padded; row b also hides its first
+    pad[b] keys, so the mask is (B, 1, n_new, n_past + n_new). RoPE scores depend only on relative
+    positions, so the shift changes nothing else. A padding query still sees itself (a row of all
+    -inf would give NaN); its output is never read."""
     query_pos = torch.arange(n_past, n_past + n_new, device=device)[:, None]
     key_pos = torch.arange(n_past + n_new, device=device)[None, :]
-    return key_pos <= query_pos
+    visible = key_pos <= query_pos
+    if pad is not None:
+        visible = visible & ((key_pos >= pad.view(-1, 1, 1, 1)) | (key_pos == query_pos))
+    return visible
 
 
 class Attention(nn.Module):
@@ -198,11 +206,10 @@ class Attention(nn.Module):
         token sees everything)."""
         B, T, _ = x.shape
         q, k, v = self.project(x, cos, sin)
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
+        if cache is not None:
             k, v = cache.write(layer, k, v)  # (B, n_kv_head, n_past + T, head_dim), views
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=cache is None and mask is None,
+                                           enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, n_head * head_dim)
         return self.o_proj(y)
 
@@ -262,6 +269,14 @@ class GPT(nn.Module):
             if name.endswith("o_proj.weight") or name.endswith("down_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+    def _apply(self, fn, recurse=True):
+        """.to() / .double() / .cuda() also rebuild the RoPE table from float64, so a float64 model's
+        table is exact (casting float32 values up would not make it so)."""
+        super()._apply(fn, recurse)
+        cos, sin = rope_table(self.config.head_dim, self.config.context_len, self.config.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(self.rope_cos), sin.to(self.rope_sin)
+        return self
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
@@ -271,9 +286,10 @@ class GPT(nn.Module):
         p = self.lm_head.weight
         return KVCache(self.config, batch_size, capacity or self.config.context_len, device=p.device, dtype=p.dtype)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *, logits: str = "all"):
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *, logits: str = "all", pad=None):
         """idx: (B, T) token ids at positions [n_past, n_past + T), n_past = cache.length (0 without
         a cache). With a cache, their K/V are appended and cache.length advances by T.
+        pad: (B,) left-padding per row, for batches of prompts of different lengths (offset_causal_mask).
 
         logits: "all" -> (B, T, vocab) for every position (training, verification);
                 "last" -> (B, 1, vocab) for the last position only (prefill before decoding).
@@ -284,7 +300,7 @@ class GPT(nn.Module):
         n_past = 0 if cache is None else cache.length
         x = self.embed_tokens(idx)  # (B, T, n_embd)
         cos, sin = self.rope_cos[n_past : n_past + T], self.rope_sin[n_past : n_past + T]  # (T, head_dim)
-        mask = offset_causal_mask(n_past, T, device=idx.device) if cache is not None and T > 1 else None
+        mask = offset_causal_mask(n_past, T, idx.device, pad) if pad is not None or (cache and T > 1) else None
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, mask)
         if cache is not None:

@@ -113,3 +113,24 @@ def test_qwen3_layout_names():
     sd = tiny_model(tie_embeddings=False).state_dict()
     assert sd["layers.0.self_attn.k_proj.weight"].shape == (2 * 12, 32)  # (n_kv_head * head_dim, n_embd)
     assert sd["layers.0.self_attn.o_proj.weight"].shape == (32, 4 * 12)  # head_dim * n_head != n_embd here
+
+
+def test_left_padded_batch_equals_each_row_alone():
+    """Rows of different lengths, left-padded and decoded together (prefill, then token by token
+    over one cache), give each row's own logits: RoPE is relative, and padded keys are hidden."""
+    model = tiny_model()
+    torch.manual_seed(4)
+    rows = [torch.randint(0, 40, (n,)).tolist() for n in (7, 3, 5)]
+    steps = [torch.randint(0, 40, (3, 1)) for _ in range(4)]
+    width = max(map(len, rows))
+    pad = torch.tensor([width - len(r) for r in rows])
+    batch = torch.tensor([[39] * (width - len(r)) + r for r in rows])  # any id works as padding
+    cache = model.new_cache(batch_size=3, capacity=width + 4)
+    with torch.no_grad():
+        got = [model(batch, cache, logits="last", pad=pad)[:, 0]] + [model(s, cache, pad=pad)[:, 0] for s in steps]
+        without_cache = model(torch.cat([batch, *steps], 1), logits="all", pad=pad)[:, width - 1 :]
+    for b, row in enumerate(rows):
+        seq = torch.tensor([row + [int(s[b]) for s in steps]])
+        ref = full_logits(model, seq)[0, len(row) - 1 :]  # (5, V)
+        torch.testing.assert_close(torch.stack([g[b] for g in got]), ref, rtol=0, atol=1e-10)
+        torch.testing.assert_close(without_cache[b], ref, rtol=0, atol=1e-10)
