@@ -33,11 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from consensus import acceptance_histogram
-from common import (ArgumentParser, UserError, load_checkpoint, load_ckpt_tokenizer, load_model, pick_device,
-                    read_data_meta, run_cli, set_threads)
+from common import (ArgumentParser, UserError, load_checkpoint, load_ckpt_tokenizer, load_model, open_model,
+                    pick_device, read_data_meta, read_prompt_file, run_cli, same_tokenizer, set_threads)
 from model import GPT, GPTConfig, kv_bytes
 from decoding import sync_device
 from orthrus import DiffusionDrafter, generate, generate_speculative
+from pretrained import is_pretrained_path
 from sampling import GREEDY, Sampling
 from speculative import DraftModelDrafter, PromptLookupDrafter
 from tokenizer import load_tokens
@@ -51,6 +52,9 @@ def build_parser():
     p.add_argument("--ckpt", default="", help="base+head checkpoint (suite ar: optional, else a fresh CPU-preset model)")
     p.add_argument("--draft-ckpt", default="", help="draft model for two-model speculative decoding (train.py --preset draft)")
     p.add_argument("--data-dir", default="", help="prepared data whose val split gives the prompts (default: the checkpoint's)")
+    p.add_argument("--prompts", default="", help="a prompt file instead (JSONL with a \"prompt\" field, e.g. data/chat_prompts.py's "
+                   "held-out split, or blank-line separated text); --num-prompts of them")
+    p.add_argument("--chat", action="store_true", help="with --prompts: wrap each in the model's chat format, stop at its end of turn")
     p.add_argument("--num-prompts", type=int, default=10, help="held-out val prompts")
     p.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated per prompt")
@@ -210,10 +214,10 @@ class Method:
     def kind(self) -> str:
         return "ar" if self.make_drafter is None else self.make_drafter().name
 
-    def decode(self, base, prompt, n_new, sampling):
+    def decode(self, base, prompt, n_new, sampling, eos_ids=()):
         if self.make_drafter is None:
-            return generate(base, prompt, n_new, sampling)
-        return generate_speculative(base, self.make_drafter(), prompt, n_new, sampling)
+            return generate(base, prompt, n_new, sampling, eos_ids)
+        return generate_speculative(base, self.make_drafter(), prompt, n_new, sampling, eos_ids)
 
 
 def ar_method() -> Method:
@@ -238,10 +242,11 @@ def prompt_lookup_method(gamma) -> Method:
     return Method(f"prompt lookup gamma={gamma}", lambda: PromptLookupDrafter(gamma), cycle_seconds, gamma)
 
 
-def run_methods(base, methods, prompts, n_new, sampling: bool, repeats, device):
+def run_methods(base, methods, prompts, n_new, sampling: bool, repeats, device, eos_ids=()):
     """Each method over all prompts, `repeats` times, interleaved (m1, m2, ..., m1, m2, ...) after a
     short warm-up of each. Returns {label: {"outs", "stats" (first repeat), "seconds" (median),
-    "spread"}}. Sampled runs seed prompt i's generator with i, so every repeat decodes the same."""
+    "spread"}}. Sampled runs seed prompt i's generator with i, so every repeat decodes the same.
+    eos_ids: stop a continuation at any of them (chat prompts: the end of turn)."""
     def settings(seed):
         return Sampling(**SAMPLING, generator=torch.Generator(device=device).manual_seed(seed)) if sampling else GREEDY
 
@@ -252,7 +257,7 @@ def run_methods(base, methods, prompts, n_new, sampling: bool, repeats, device):
         for m in methods:
             sync_device(device)
             t0 = time.perf_counter()
-            done = [m.decode(base, p, n_new, settings(i)) for i, p in enumerate(prompts)]
+            done = [m.decode(base, p, n_new, settings(i), eos_ids) for i, p in enumerate(prompts)]
             sync_device(device)
             runs[m.label]["times"].append(time.perf_counter() - t0)
             if r == 0:
@@ -355,33 +360,59 @@ COMPARE_COLUMNS = [
 
 
 class Bench:
-    """What every suite decodes with: the checkpoint's base + head, the optional draft model
-    (same tokenizer), the tokenizer and the held-out val prompts."""
+    """What every suite decodes with: the model's base + head (any path open_model accepts), the
+    optional draft model (same tokenizer), the tokenizer, and the prompts: held-out val windows of
+    prepared data, or a prompt file (--prompts; --chat wraps each in the model's chat format and
+    stops at its end of turn)."""
 
     def __init__(self, args, device):
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
         if not args.ckpt:
             raise UserError(f"--suite {args.suite} needs --ckpt PATH of a base+head checkpoint (train.py --stage head)")
-        self.ckpt = load_checkpoint(args.ckpt)
-        self.base, self.head = load_model(self.ckpt, device, dtype)
+        prompt_texts = read_prompt_file(args.prompts) if args.prompts else None  # a bad file fails before loading
+        self.base, self.head, self.tokenizer, self.info = open_model(args.ckpt, device, dtype)
+        self.ckpt = self.info.get("ckpt") or {}
         if self.head is None:
             raise UserError(f"{args.ckpt} has no diffusion head; train one with `python train.py --stage head`")
         self.draft_model = None
         if args.draft_ckpt:
-            dckpt = load_checkpoint(args.draft_ckpt)
-            if dckpt["tokenizer"] != self.ckpt["tokenizer"]:
-                raise UserError(f"the draft model {args.draft_ckpt} uses another tokenizer ({dckpt['tokenizer']['kind']}, "
-                                f"vocab {dckpt['tokenizer']['vocab_size']}) than the base ({self.ckpt['tokenizer']['kind']}, "
-                                f"vocab {self.ckpt['tokenizer']['vocab_size']}): train it on the same --data-dir")
-            self.draft_model, _ = load_model(dckpt, device, dtype)
+            # compare tokenizers before building the draft model's (ours: from the checkpoint's meta)
+            dmeta = None if is_pretrained_path(args.draft_ckpt) else load_checkpoint(args.draft_ckpt)["tokenizer"]
+            if dmeta is None:
+                self.draft_model, _, dtok, _ = open_model(args.draft_ckpt, device, dtype)
+                dmeta = dtok.meta()
+            if not same_tokenizer(dmeta, self.tokenizer.meta()):
+                raise UserError(f"the draft model {args.draft_ckpt} uses another tokenizer ({dmeta['kind']}, vocab "
+                                f"{dmeta['vocab_size']}) than the base ({self.tokenizer.kind}, vocab "
+                                f"{self.tokenizer.vocab_size}): train it on the same --data-dir")
+            if self.draft_model is None:
+                self.draft_model = open_model(args.draft_ckpt, device, dtype)[0]
             DraftModelDrafter(self.draft_model, 1, self.base.config)  # vocabulary and context checks
-        self.data_dir = args.data_dir or self.ckpt["data_dir"]
-        self.meta = read_data_meta(self.data_dir)
-        self.tokenizer = load_ckpt_tokenizer(self.ckpt)
-        if args.prompt_len + args.max_new_tokens > self.base.config.context_len:
-            raise UserError(f"--prompt-len {args.prompt_len} + --max-new-tokens {args.max_new_tokens} exceeds the "
-                            f"model's context of {self.base.config.context_len} tokens; shorten one of them")
-        self.prompts = val_prompts(self.data_dir, self.meta, args.num_prompts, args.prompt_len)
+        self.stop_ids = []  # val windows: every method decodes exactly --max-new-tokens
+        if prompt_texts is not None:
+            if args.chat:
+                from pretrained import chat_prompt
+
+                self.prompts = [chat_prompt(self.tokenizer, p)[0] for p in prompt_texts[: args.num_prompts]]
+                self.stop_ids = [*self.info["stop_ids"], self.tokenizer.end_of_turn_id]
+            else:
+                self.prompts = [self.tokenizer.encode(p) for p in prompt_texts[: args.num_prompts]]
+            longest = max(map(len, self.prompts))
+            if longest + args.max_new_tokens > self.base.config.context_len:
+                raise UserError(f"a prompt of {longest} tokens + --max-new-tokens {args.max_new_tokens} exceeds the "
+                                f"model's context of {self.base.config.context_len} tokens; shorten one of them")
+            self.data_dir = self.meta = None
+        else:
+            if args.chat:
+                raise UserError("--chat needs --prompts FILE (chat prompts); val windows of prepared data are plain text")
+            self.data_dir = args.data_dir or self.info.get("data_dir")
+            if not self.data_dir:
+                raise UserError("no prompts: pass --prompts FILE (JSONL or text) or --data-dir of prepared data")
+            self.meta = read_data_meta(self.data_dir)
+            if args.prompt_len + args.max_new_tokens > self.base.config.context_len:
+                raise UserError(f"--prompt-len {args.prompt_len} + --max-new-tokens {args.max_new_tokens} exceeds the "
+                                f"model's context of {self.base.config.context_len} tokens; shorten one of them")
+            self.prompts = val_prompts(self.data_dir, self.meta, args.num_prompts, args.prompt_len)
         self.device = device
 
 
@@ -429,7 +460,7 @@ def suite_compare(args, device):
 
     for mode in modes:
         sampling = mode == "sampling"
-        runs = run_methods(base, methods, prompts, n_new, sampling, args.repeats, device)
+        runs = run_methods(base, methods, prompts, n_new, sampling, args.repeats, device, bench.stop_ids)
         ar_run = runs[methods[0].label]
         records = [method_record(m, runs[m.label], ar_run, costs, bench.tokenizer, sampling, args.prompt_len + n_new)
                    for m in methods]
@@ -487,7 +518,7 @@ def suite_ablations(args, device):
 
     if "denoise" in which:
         methods = [ar_method()] + [orthrus_method(base, head, K, steps, f"{steps} step(s)") for steps in (1, 2, 4)]
-        runs = run_methods(base, methods, prompts, n_new, False, args.repeats, device)
+        runs = run_methods(base, methods, prompts, n_new, False, args.repeats, device, bench.stop_ids)
         ar_run = runs[methods[0].label]
         records = []
         for steps, m in zip((1, 2, 4), methods[1:]):
@@ -509,7 +540,7 @@ def suite_ablations(args, device):
         records = []
         for label, path in labelled_paths(args.heads, "--heads"):
             hckpt = load_checkpoint(path)
-            if hckpt.get("base_sha256") not in (bench.ckpt["base_sha256"], bench.ckpt.get("exported_from_sha256")):
+            if hckpt.get("base_sha256") not in (bench.ckpt.get("base_sha256"), bench.ckpt.get("exported_from_sha256")):
                 raise UserError(f"--heads {label}={path} was trained on another base than --ckpt: "
                                 "an ablation must compare heads of one base")
             _, other = load_model(hckpt, device, base.lm_head.weight.dtype)
@@ -517,7 +548,8 @@ def suite_ablations(args, device):
                       "teacher_data": hckpt.get("data_kind") or hckpt["train_config"].get("teacher_data", "?"), "step": hckpt.get("step", "?")}
             for mode in ("greedy", "sampling"):
                 for k in Ks:
-                    runs = run_methods(base, [orthrus_method(base, other, k)], prompts, n_new, mode == "sampling", 1, device)
+                    runs = run_methods(base, [orthrus_method(base, other, k)], prompts, n_new, mode == "sampling", 1,
+                                       device, bench.stop_ids)
                     stats = next(iter(runs.values()))["stats"]
                     record[f"{mode}_K{k}"] = sum(s.cycle_tokens for s in stats) / sum(s.cycles for s in stats)
             records.append(record)
@@ -526,7 +558,9 @@ def suite_ablations(args, device):
         print(table([("head", "{head}"), ("loss", "{loss}"), ("teacher data", "{teacher_data}"), ("steps", "{step}")]
                     + [(f"{mode} K={k}", f"{{{mode}_K{k}:.2f}}") for mode in ("greedy", "sampling") for k in Ks], records))
 
-    if "prompt-length" in which:
+    if "prompt-length" in which and bench.data_dir is None:
+        print("\n(prompt-length ablation skipped: it takes val windows of prepared data, not --prompts)")
+    elif "prompt-length" in which:
         ctx, new = base.config.context_len, min(64, n_new)
         methods = [ar_method(), orthrus_method(base, head, K)]
         records = []

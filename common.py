@@ -167,12 +167,15 @@ def dataclass_from(cls, *layers: dict):
 # Checkpoints
 #
 # A checkpoint is data, never code: a dict of plain types and tensors, loaded with
-# torch.load(weights_only=True). Two kinds:
+# torch.load(weights_only=True). Three kinds:
 #   kind "orthrus-base": {model_config, model, tokenizer, optimizer, step, train_config, ...}
 #   kind "orthrus":      the base's model_config/model/tokenizer plus {head_config, head,
 #                        base_sha256, base_ckpt}: base + head in one self-contained file.
+#   kind "orthrus-head": a head for a pretrained base (a Hugging Face folder or .gguf file) that
+#                        is too big to copy: {head_config, head, base_path, base_sha256 (of the
+#                        base loaded in float32), tokenizer}; the base is read from base_path.
 
-CHECKPOINT_KINDS = ("orthrus-base", "orthrus")
+CHECKPOINT_KINDS = ("orthrus-base", "orthrus", "orthrus-head")
 
 
 def save_checkpoint(obj: dict, path: str):
@@ -208,6 +211,7 @@ REQUIRED_FIELDS = {
     "orthrus-base": {"model_config": dict, "model": dict, "tokenizer": dict},
     "orthrus": {"model_config": dict, "model": dict, "tokenizer": dict, "head_config": dict, "head": dict,
                 "base_sha256": str},
+    "orthrus-head": {"head_config": dict, "head": dict, "base_path": str, "base_sha256": str, "tokenizer": dict},
 }
 
 
@@ -314,28 +318,79 @@ def clean_state_dict(module: torch.nn.Module) -> dict:
 
 def load_model(ckpt: dict, device="cpu", dtype=torch.float32):
     """(base GPT, DiffusionHead or None) from a loaded checkpoint, in eval mode, frozen."""
-    from diffusion_head import DiffusionHead  # only needed when a head is present
-
+    if ckpt["kind"] == "orthrus-head":
+        base, head, _, _ = open_pretrained_head(ckpt, device, dtype)
+        return base, head
     base = build_base(ckpt, device, dtype).requires_grad_(False).eval()
     if ckpt["kind"] != "orthrus":
         return base, None
+    if state_sha256(ckpt["model"]) != ckpt["base_sha256"]:
+        raise UserError("the base weights in this checkpoint are not the ones its head was trained on "
+                        f"(sha256 differs from {ckpt['base_sha256'][:12]}...); retrain the head on this base "
+                        "with `python train.py --stage head --base-ckpt ...`")
+    return base, build_head(ckpt, base, device, dtype)
+
+
+def build_head(ckpt: dict, base: GPT, device, dtype):
+    """The checkpoint's DiffusionHead on `base`, checked and frozen."""
+    from diffusion_head import DiffusionHead  # only needed when a head is present
+
     head_cfg = ckpt["head_config"]
     lens = head_cfg.get("trained_draft_lens")
     if (not isinstance(head_cfg.get("mask_id"), int) or not isinstance(lens, list) or not lens
             or not all(isinstance(k, int) and k >= 2 for k in lens)):
         raise UserError("the checkpoint's head_config needs an integer mask_id and a non-empty list of "
                         f"trained_draft_lens >= 2, got {head_cfg!r}: the file is damaged or was edited")
-    if state_sha256(ckpt["model"]) != ckpt["base_sha256"]:
-        raise UserError("the base weights in this checkpoint are not the ones its head was trained on "
-                        f"(sha256 differs from {ckpt['base_sha256'][:12]}...); retrain the head on this base "
-                        "with `python train.py --stage head --base-ckpt ...`")
     if not 0 <= head_cfg["mask_id"] < base.config.vocab_size:
         raise UserError(f"the head's MASK id {head_cfg['mask_id']} is outside the base vocabulary "
                         f"({base.config.vocab_size}): head and base do not belong together")
     head = DiffusionHead(base, head_cfg["mask_id"], head_cfg["trained_draft_lens"])
     _check_state_dict(head, ckpt["head"], "the head's weights do not fit this base")
     head.load_state_dict(ckpt["head"], strict=True)
-    return base, head.to(device=device, dtype=dtype).requires_grad_(False).eval()
+    return head.to(device=device, dtype=dtype).requires_grad_(False).eval()
+
+
+def open_pretrained_head(ckpt: dict, device, dtype):
+    """(base, head, tokenizer, info) for an "orthrus-head" checkpoint: the base is read from the
+    pretrained model it was trained on and must be bit-identical to it (sha256 of the float32 load,
+    checked before casting to `dtype`)."""
+    from pretrained import load_pretrained
+
+    path = ckpt["base_path"]
+    base, _, tokenizer, info = load_pretrained(path, device, torch.float32, mask_id=ckpt["head_config"].get("mask_id"),
+                                               expect_base_sha256=ckpt["base_sha256"])
+    head = build_head(ckpt, base, device, torch.float32)
+    return base.to(dtype=dtype), head.to(dtype=dtype), tokenizer, info
+
+
+def same_tokenizer(a: dict, b: dict) -> bool:
+    """Whether two tokenizer metas describe the same tokenizer (a pretrained model's BPE by its
+    content hash, wherever its file lies; ours by every field)."""
+    if a.get("kind") == b.get("kind") == "bpe":
+        return a.get("sha256") == b.get("sha256") and a.get("mask_id") == b.get("mask_id")
+    return a == b
+
+
+def open_model(path: str, device="cpu", dtype=torch.float32):
+    """(base GPT, DiffusionHead or None, tokenizer, info) from anything the scripts accept as a
+    model: one of our .pt checkpoints (base, base+head, or a head for a pretrained base), a Hugging
+    Face folder, a .gguf file or an official Orthrus folder. info: "format", "stop_ids" (stop
+    after any), "chat" (the tokenizer has a chat format), "data_dir" (our checkpoints' data), and
+    "ckpt" (our checkpoints' dict)."""
+    from pretrained import is_pretrained_path, load_pretrained
+
+    if path and is_pretrained_path(path):
+        return load_pretrained(path, device, dtype)
+    ckpt = load_checkpoint(path)
+    if ckpt["kind"] == "orthrus-head":
+        base, head, tokenizer, info = open_pretrained_head(ckpt, device, dtype)
+        info.update(format="orthrus-head", ckpt=ckpt, data_dir=ckpt.get("data_dir"))
+        return base, head, tokenizer, info
+    base, head = load_model(ckpt, device, dtype)
+    tokenizer = load_ckpt_tokenizer(ckpt)
+    info = {"format": ckpt["kind"], "stop_ids": [tokenizer.eot_id], "chat": False, "end_of_turn_id": None,
+            "data_dir": ckpt.get("data_dir"), "ckpt": ckpt}
+    return base, head, tokenizer, info
 
 
 def tokenizer_model_tensor(tokenizer_meta: dict, data_dir: str):
@@ -388,3 +443,31 @@ def read_data_meta(data_dir: str) -> dict:
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: not written by data/prepare.py; run it again")
     return meta
+
+
+def read_prompt_file(path: str) -> list:
+    """Prompts from a file: JSONL with a "prompt" field per line (data/chat_prompts.py writes
+    these), or plain text with prompts separated by blank lines."""
+    import json
+
+    if not os.path.isfile(path):
+        raise UserError(f"prompt file {path!r} not found" + (" (it is a folder)" if os.path.isdir(path) else ""))
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"prompt file {path!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if path.endswith(".jsonl"):
+        prompts = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                prompts.append(json.loads(line)["prompt"])
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{path}:{n} is not a JSON object with a \"prompt\" field") from None
+    else:
+        prompts = [p.strip() for p in text.split("\n\n") if p.strip()]
+    if not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise UserError(f"prompt file {path!r} holds no prompts (JSONL lines {{\"prompt\": ...}}, or blank-line separated text)")
+    return prompts

@@ -144,28 +144,42 @@ def valid_anchor_range(seq_len: int, draft_len: int) -> tuple[int, int]:
 
 
 def choose_anchors(seq_len: int, draft_len: int, placement: str, generator: torch.Generator,
-                   n_random: int = 0) -> torch.Tensor:
+                   n_random: int = 0, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """'aligned': s = 0, K, 2K, ... (non-overlapping blocks tiling the sequence);
-    'random': n_random distinct positions drawn uniformly from the valid range (default 2T/K)."""
+    'random': n_random distinct positions drawn uniformly from the valid range (default 2T/K).
+    allowed: optional (hi + 1,) bool, the anchors worth training (response_anchors): only those
+    are chosen (the number of random anchors stays 2T/K at most)."""
     lo, hi = valid_anchor_range(seq_len, draft_len)
     if hi < lo:
         raise ValueError(f"draft length {draft_len} does not fit a training sequence of {seq_len} tokens")
+    candidates = torch.arange(lo, hi + 1) if allowed is None else allowed[lo : hi + 1].nonzero().view(-1).cpu() + lo
     if placement == "aligned":
-        return torch.arange(lo, hi + 1, draft_len)
+        return candidates[candidates % draft_len == lo % draft_len]
     if placement == "random":
-        n = n_random or max(1, 2 * seq_len // draft_len)
-        n = min(n, hi - lo + 1)
-        return torch.randperm(hi - lo + 1, generator=generator)[:n].sort().values + lo
+        n = min(n_random or max(1, 2 * seq_len // draft_len), candidates.numel())
+        return candidates[torch.randperm(candidates.numel(), generator=generator)[:n]].sort().values
     raise ValueError(f"unknown anchor placement {placement!r}: use 'aligned' or 'random'")
 
 
+def response_anchors(response: torch.Tensor, draft_len: int) -> torch.Tensor:
+    """response: (B, T) bool, True where the token is the base's own answer (self-distilled chat
+    data). Returns (B, T-K+1) bool: anchor s is worth training in a row iff every target of its
+    block, positions s+1..s+K-1, is a response token (the paper trains on the answers only)."""
+    B, T = response.shape
+    K = draft_len
+    inside = torch.cat([response.new_zeros(B, 1, dtype=torch.long), response.long().cumsum(1)], 1)  # (B, T+1)
+    s = torch.arange(T - K + 1, device=response.device)
+    return (inside[:, s + K] - inside[:, s + 1]) == K - 1
+
+
 def head_loss(draft_logits: torch.Tensor, teacher_logits: torch.Tensor, idx: torch.Tensor,
-              anchors: torch.Tensor, kind: str = "kl"):
+              anchors: torch.Tensor, kind: str = "kl", weight: torch.Tensor | None = None):
     """draft_logits: (B, N, K, V). Only block indices 0..K-2 draft (index i -> position s+i+1).
     'kl': forward KL(teacher || draft), teacher = base distribution at position s+i (the paper's
     objective); 'ce': cross-entropy against the data token at s+i+1 (the ablation).
+    weight: optional (B, N) 0/1, which (row, block) pairs count (response_anchors).
     Returns (loss, agreement) with agreement (N, K-1): draft argmax == teacher argmax, averaged
-    over the batch (the quantity that predicts the accepted length under greedy decoding)."""
+    over the counted rows (the quantity that predicts the accepted length under greedy decoding)."""
     B, N, K, V = draft_logits.shape
     target_pos = anchors[:, None] + torch.arange(K - 1, device=anchors.device)[None, :]  # (N, K-1): position s+i
     student = draft_logits[:, :, : K - 1].float()  # (B, N, K-1, V)
@@ -173,14 +187,16 @@ def head_loss(draft_logits: torch.Tensor, teacher_logits: torch.Tensor, idx: tor
     if kind == "kl":
         log_p_teacher = F.log_softmax(teacher, dim=-1)
         log_p_student = F.log_softmax(student, dim=-1)
-        loss = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1).mean()
+        per_token = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)  # (B, N, K-1)
     elif kind == "ce":
         labels = idx[:, target_pos + 1]  # (B, N, K-1): the data token at s+i+1
-        loss = F.cross_entropy(student.reshape(-1, V), labels.reshape(-1))
+        per_token = F.cross_entropy(student.reshape(-1, V), labels.reshape(-1), reduction="none").view(B, N, K - 1)
     else:
         raise ValueError(f"unknown head loss {kind!r}: use 'kl' or 'ce'")
-    agreement = (student.argmax(-1) == teacher.argmax(-1)).float().mean(0)  # (N, K-1)
-    return loss, agreement
+    w = per_token.new_ones(B, N) if weight is None else weight.to(per_token.dtype)  # (B, N)
+    loss = (per_token * w[..., None]).sum() / ((K - 1) * w.sum()).clamp(min=1)
+    agreement = ((student.argmax(-1) == teacher.argmax(-1)).float() * w[..., None]).sum(0) / w.sum(0).clamp(min=1)[:, None]
+    return loss, agreement  # agreement (N, K-1)
 
 
 def expected_tokens_per_cycle(agreement_by_index: torch.Tensor) -> float:

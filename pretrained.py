@@ -161,6 +161,32 @@ def load_pretrained(path, device="cpu", dtype=torch.float32, *, context_len=None
     return base, head, tok, info
 
 
+def load_model_tokenizer(path):
+    """The tokenizer load_pretrained(path) returns (the model's vocabulary size and MASK id
+    included), without reading the weights: for tokenizing data with a model's own tokenizer."""
+    import gguf
+
+    from tokenizer import BPETokenizer, gguf_fields
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise UserError(f"{path} has no config.json: not a Hugging Face model folder (or pass a .gguf file)")
+        cfg = _read_json(cfg_path)
+        config = hf_config_to_gpt(cfg, path)
+        return BPETokenizer.from_hf_folder(path, vocab_size=config.vocab_size, mask_id=cfg.get("mask_token_id"))
+    if not (path.endswith(".gguf") and os.path.isfile(path)):
+        raise UserError(f"{path} is neither a model folder (with config.json) nor a .gguf file")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # a truncated or foreign file fails in numpy/struct code
+        raise UserError(f"cannot read GGUF file {path}: {type(e).__name__}: {str(e).splitlines()[0][:120]}") from None
+    fields = gguf_fields(reader)
+    config = gguf_config(fields, {t.name: [int(x) for x in t.shape] for t in reader.tensors}, path)
+    return BPETokenizer.from_gguf_fields(fields, path=path, vocab_size=config.vocab_size)
+
+
 def chat_prompt(tokenizer, prompt: str, system=None):
     """(ids, end_of_turn_id): the prompt as one user turn in the model's chat format, ending where
     the assistant's reply starts (Qwen3 ChatML with thinking off; SmolLM2 ChatML with its default

@@ -5,6 +5,8 @@ Generate text from a checkpoint, with plain AR decoding or with Orthrus, and com
     python sample.py --ckpt out/head/ckpt.pt --prompt "def " --mode compare   # AR vs Orthrus side by side
     python sample.py --ckpt out/head/ckpt.pt --prompt "def " --trace          # show accepted/rejected drafts
     python sample.py --ckpt out/base/ckpt.pt --prompt "import " --temperature 0.8 --top-k 50
+    python sample.py --ckpt path/to/Qwen3-0.6B --chat --prompt "Write a haiku about caches."   # a real model
+    python sample.py --ckpt SmolLM2-135M-Instruct.Q4_1.gguf --chat                           # (HF folder or .gguf)
 
 Temperature 0 (the default) is greedy: Orthrus then returns exactly the AR model's text.
 Decoding runs on one CPU thread by default (--threads): small models gain little from a second
@@ -16,19 +18,22 @@ import sys
 
 import torch
 
-from common import (ArgumentParser, UserError, load_checkpoint, load_ckpt_tokenizer, load_model, pick_device, run_cli,
-                    set_threads)
+from common import ArgumentParser, UserError, open_model, pick_device, run_cli, set_threads
 from decoding import check_prompt
 from orthrus import DiffusionDrafter, generate, generate_speculative
 from sampling import Sampling
 
 DEFAULT_PROMPT = "def "  # shows the shipped stdlib model writing Python; a newline gave only spaces
+DEFAULT_CHAT_PROMPT = "Write a Python function that tells whether a number is prime."
 DEFAULT_DRAFT_LEN = 16
 
 
 def build_parser():
     p = ArgumentParser(__doc__)
-    p.add_argument("--ckpt", required=True, help="checkpoint from train.py (base, or base+head)")
+    p.add_argument("--ckpt", required=True, help="a checkpoint from train.py (base, base+head, or a head for a "
+                   "pretrained base), a Hugging Face model folder, a .gguf file or an official Orthrus folder")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat format (ChatML) and stop "
+                   "at its end of turn")
     p.add_argument("--prompt", default=None, help=f"prompt text (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--prompt-file", default=None, help="read the prompt from this file instead")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate (stops early at the context limit or end-of-text)")
@@ -111,7 +116,9 @@ def read_prompt(args):
                 return f.read()
         except UnicodeDecodeError as e:
             raise UserError(f"prompt file {args.prompt_file!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    return DEFAULT_PROMPT if args.prompt is None else args.prompt
+    if args.prompt is None:
+        return DEFAULT_CHAT_PROMPT if args.chat else DEFAULT_PROMPT
+    return args.prompt
 
 
 def check_flags(args) -> Sampling:
@@ -149,10 +156,15 @@ def main(argv=None):
     device = pick_device(args.device, verbose=False)
     set_threads(args.threads)
     dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[args.dtype]
-    ckpt = load_checkpoint(args.ckpt)
-    base, head = load_model(ckpt, device, dtype)
-    tokenizer = load_ckpt_tokenizer(ckpt)
-    prompt = tokenizer.encode(prompt_text)
+    base, head, tokenizer, info = open_model(args.ckpt, device, dtype)
+    stop_ids = list(info["stop_ids"])
+    if args.chat:
+        from pretrained import chat_prompt
+
+        prompt, end_of_turn = chat_prompt(tokenizer, prompt_text)
+        stop_ids.append(end_of_turn)
+    else:
+        prompt = tokenizer.encode(prompt_text)
     check_prompt(base.config, prompt)  # every input check before any output: a bad input gives one line
     mode = args.mode or "orthrus"
     if head is None and mode == "compare":
@@ -169,15 +181,16 @@ def main(argv=None):
         if draft_len > head.max_trained_draft_len:
             print(f"warning: --draft-len {draft_len} is longer than the head was trained for "
                   f"(max {head.max_trained_draft_len}); drafts at the far end will mostly be rejected", file=sys.stderr)
-    common = dict(max_new_tokens=args.max_new_tokens, eos_ids=[tokenizer.eot_id])
+    common = dict(max_new_tokens=args.max_new_tokens, eos_ids=stop_ids)
 
     def run(method, stream_enabled, **overrides):
         stream_enabled = stream_enabled and not (args.trace and method == "orthrus")  # trace lines instead
         sampling = Sampling(settings.temperature, settings.top_k, settings.top_p,
                             torch.Generator(device=device).manual_seed(args.seed))
         stream = TextStream(tokenizer, stream_enabled)
+        shown_prompt = prompt_text + ("\n" if args.chat else "")  # a chat answer starts on its own line
         if stream_enabled:
-            sys.stdout.write(prompt_text)
+            sys.stdout.write(shown_prompt)
         kwargs = {**common, "sampling": sampling, "on_tokens": stream, **overrides}
         if method == "ar":
             tokens, stats = generate(base, prompt, **kwargs)
@@ -187,7 +200,7 @@ def main(argv=None):
             tokens, stats = generate_speculative(base, drafter, prompt, on_cycle=tracer, **kwargs)
         text = stream.finish()
         if args.trace and method == "orthrus":
-            print(prompt_text + text)
+            print(shown_prompt + text)
         return tokens, stats
 
     def memory_line():

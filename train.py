@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from common import (ArgumentParser, UserError, add_dataclass_flags, autocast, build_base, clean_state_dict, dataclass_from,
-                    load_checkpoint, pick_autocast_dtype, pick_device, read_data_meta, run_cli, save_checkpoint,
-                    state_sha256, tokenizer_model_tensor)
-from diffusion_head import DiffusionHead, choose_anchors, expected_tokens_per_cycle, head_loss
+                    load_checkpoint, pick_autocast_dtype, pick_device, read_data_meta, run_cli, same_tokenizer,
+                    save_checkpoint, state_sha256, tokenizer_model_tensor)
+from diffusion_head import DiffusionHead, choose_anchors, expected_tokens_per_cycle, head_loss, response_anchors
 from model import GPT, GPTConfig, config_field
+from pretrained import is_pretrained_path, load_pretrained
 from tokenizer import load_tokens
 
 
@@ -111,6 +112,8 @@ PRESETS = {
 class TokenData:
     """Random training windows and fixed validation windows from the token files of prepare.py."""
 
+    masked = False  # no response masks: every token is a training target
+
     def __init__(self, data_dir: str, meta: dict | None = None):
         self.data_dir, self.meta = data_dir, meta or read_data_meta(data_dir)
         try:
@@ -129,37 +132,62 @@ class TokenData:
                                 "more text (data/prepare.py; for val, a larger --val-fraction) or lower --seq-len")
 
     def train_windows(self, batch_size: int, length: int, generator: torch.Generator):
-        return windows(self.train, batch_size, length, generator)
+        """(tokens (B, length), response mask (B, length) or None: every token counts)."""
+        return windows(self.train, batch_size, length, generator), None
 
     def val_windows(self, batch_size: int, length: int, generator: torch.Generator):
-        return windows(self.val, batch_size, length, generator)
+        return windows(self.val, batch_size, length, generator), None
 
 
 class SelfDistilledData(TokenData):
-    """Rows the base wrote itself (data/self_distill.py) for training, drawn at random; validation
-    windows from the corpus the prompts came from (held-out text)."""
+    """Rows the base wrote itself (data/self_distill.py), drawn at random, with the mask of the
+    tokens that are the base's own answer (chat data; corpus-prompted rows count whole). Validation
+    on held-out rows (chat data: answers to held-out prompts) or on the corpus the prompts came from."""
 
     def __init__(self, data_dir: str, meta: dict):
-        super().__init__(meta["source_data_dir"], read_data_meta(meta["source_data_dir"]))
         self.data_dir, self.meta = data_dir, meta
-        shards = sorted(f for f in os.listdir(data_dir) if f.startswith("rows_") and f.endswith(".pt"))
+        self.rows, self.response = self._read_rows(data_dir, "rows_")
+        self.masked = not bool(self.response.all())
+        if meta.get("val") == "rows":
+            self.val_rows, self.val_response = self._read_rows(data_dir, "val_rows_")
+        else:
+            self.val = TokenData(meta["source_data_dir"]).val
+
+    @staticmethod
+    def _read_rows(data_dir, prefix):
+        """Shards are (N, L) token tensors, or {"tokens": (N, L), "response": (N, L) bool}."""
+        shards = sorted(f for f in os.listdir(data_dir) if f.startswith(prefix) and f.endswith(".pt"))
         if not shards:
-            raise UserError(f"{data_dir} holds no rows yet: run data/self_distill.py to the end")
+            raise UserError(f"{data_dir} holds no {prefix}*.pt shards yet: run data/self_distill.py to the end")
+        tokens, response = [], []
         try:
-            self.rows = torch.cat([torch.load(os.path.join(data_dir, f), weights_only=True) for f in shards])
+            for f in shards:
+                shard = torch.load(os.path.join(data_dir, f), weights_only=True)
+                shard = shard if isinstance(shard, dict) else {"tokens": shard, "response": torch.ones_like(shard, dtype=torch.bool)}
+                tokens.append(shard["tokens"].long())
+                response.append(shard["response"].bool())
         except Exception as e:  # a damaged shard: say which folder and how to regenerate it
             raise UserError(f"a shard in {data_dir} is not readable ({type(e).__name__}); delete it and run "
                             "data/self_distill.py again") from None
+        return torch.cat(tokens), torch.cat(response)
 
     def check_length(self, length: int, what: str):
         if self.rows.size(1) < length:
             raise UserError(f"{self.data_dir} holds rows of {self.rows.size(1)} tokens, too short for {what} of "
                             f"{length}: lower --seq-len or generate longer rows (--row-len)")
-        super().check_length(length, what)
+        if hasattr(self, "val") and self.val.numel() <= length:  # the corpus's held-out split
+            raise UserError(f"{self.meta['source_data_dir']}/val.bin has {self.val.numel()} tokens, too few for "
+                            f"{what} of {length}: lower --seq-len")
 
     def train_windows(self, batch_size, length, generator):
         pick = torch.randint(0, self.rows.size(0), (batch_size,), generator=generator)
-        return self.rows[pick, :length]
+        return self.rows[pick, :length], self.response[pick, :length]
+
+    def val_windows(self, batch_size, length, generator):
+        if hasattr(self, "val"):
+            return super().val_windows(batch_size, length, generator)
+        pick = torch.randint(0, self.val_rows.size(0), (batch_size,), generator=generator)
+        return self.val_rows[pick, :length], self.val_response[pick, :length]
 
 
 def load_data(data_dir: str) -> TokenData:
@@ -327,7 +355,7 @@ def train_base(cfg: TrainConfig, model_cfg: GPTConfig, resume_ckpt=None):
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), idx[:, 1:].reshape(-1))
 
     def step_loss():
-        return lm_loss(data.train_windows(cfg.batch_size, seq_len + 1, gen).to(device))
+        return lm_loss(data.train_windows(cfg.batch_size, seq_len + 1, gen)[0].to(device))
 
     val_loss = [float("nan")]
 
@@ -335,7 +363,7 @@ def train_base(cfg: TrainConfig, model_cfg: GPTConfig, resume_ckpt=None):
     def evaluate(step):
         model.eval()
         g = torch.Generator().manual_seed(12345)  # the same windows at every evaluation
-        losses = [lm_loss(data.val_windows(cfg.batch_size, seq_len + 1, g).to(device)).item()
+        losses = [lm_loss(data.val_windows(cfg.batch_size, seq_len + 1, g)[0].to(device)).item()
                   for _ in range(cfg.eval_batches)]
         model.train()
         val_loss[0] = sum(losses) / len(losses)
@@ -392,18 +420,25 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
     device = pick_device(cfg.device)
     amp = pick_autocast_dtype(device, cfg.dtype)
     data = load_data(cfg.data_dir)  # before the base checkpoint: the cheaper check first
-    base_ckpt = load_checkpoint(base_path)
-    base = build_base(base_ckpt, device)
+    pretrained = is_pretrained_path(base_path)
+    if pretrained:  # a Hugging Face folder or .gguf file: the head checkpoint will not copy the base
+        base, _, tokenizer, _ = load_pretrained(base_path, device, torch.float32)
+        base_ckpt = {"tokenizer": tokenizer.meta()}
+    else:
+        base_ckpt = load_checkpoint(base_path)
+        base = build_base(base_ckpt, device)
     base.requires_grad_(False).eval()  # frozen: no gradients, no dropout-like behaviour changes
     base_hash = state_sha256(base.state_dict())
     if resume_ckpt is not None and resume_ckpt["base_sha256"] != base_hash:
         raise UserError(f"{base_path} is not the base this head was trained on (sha256 differs); "
                         "pass the original base checkpoint")
-    if data.meta["tokenizer"] != base_ckpt["tokenizer"]:
+    if not same_tokenizer(data.meta["tokenizer"], base_ckpt["tokenizer"]):
         raise UserError(f"--data-dir {cfg.data_dir} was tokenized with {data.meta['tokenizer']['kind']} "
                         f"(vocab {data.meta['vocab_size']}) but the base uses {base_ckpt['tokenizer']['kind']} "
                         f"(vocab {base.config.vocab_size}); prepare the data with the base's tokenizer")
-    seq_len = cfg.seq_len or base.config.context_len
+    # pretrained contexts are long (8K-40K): train on the data's rows, or on 1,024-token windows
+    seq_len = cfg.seq_len or (data.meta.get("row_len") or min(1024, base.config.context_len) if pretrained
+                              else base.config.context_len)
     if seq_len > base.config.context_len:
         raise UserError(f"--seq-len {seq_len} exceeds the base model's context length {base.config.context_len}")
     if draft_lens[-1] > seq_len // 2:
@@ -421,31 +456,44 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
     print(f"head: {n_head / 1e6:.2f}M trainable parameters = {100 * n_head / (n_head + n_base):.1f}% of base+head "
           f"({n_base / 1e6:.2f}M frozen); draft lengths {draft_lens}, anchors {cfg.anchors}, loss {cfg.loss}")
 
-    def block_loss(idx, K, anchors):
+    def block_loss(windows, K, placement, generator, anchors=None):
+        """The head's loss on one batch of windows, over anchors chosen by `placement` (unless
+        given); with a response mask (chat data), only blocks whose targets are all the base's
+        answer count."""
+        idx, response = windows
+        weight = allowed = None
+        if response is not None:
+            usable = response_anchors(response, K)  # (B, T-K+1)
+            allowed = usable.any(0)
+        if anchors is None:
+            anchors = choose_anchors(seq_len, K, placement, generator,
+                                     cfg.anchors_per_seq if placement == "random" else 0, allowed)
+        if response is not None:
+            weight = usable[:, anchors].to(device)
+        idx, anchors = idx.to(device), anchors.to(device)
         with autocast(device, amp):
             with torch.no_grad():
                 teacher, ks, vs = base_kv_and_logits(base, idx)
-            logits = head.block_logits_for_training(base, idx, ks, vs, anchors.to(device), K)
-        return head_loss(logits, teacher, idx, anchors.to(device), cfg.loss)
+            logits = head.block_logits_for_training(base, idx, ks, vs, anchors, K)
+        return head_loss(logits, teacher, idx, anchors, cfg.loss, weight)
 
     def step_loss():
         K = draft_lens[torch.randint(len(draft_lens), (1,), generator=gen).item()]
-        anchors = choose_anchors(seq_len, K, cfg.anchors, gen, cfg.anchors_per_seq)
-        idx = data.train_windows(cfg.batch_size, seq_len, gen).to(device)
-        return block_loss(idx, K, anchors)[0]
+        # without response masks the anchors are drawn before the windows (the order earlier runs used)
+        anchors = None if data.masked else choose_anchors(seq_len, K, cfg.anchors, gen, cfg.anchors_per_seq)
+        return block_loss(data.train_windows(cfg.batch_size, seq_len, gen), K, cfg.anchors, gen, anchors)[0]
 
     @torch.no_grad()
     def evaluate(step):
         head.eval()
         for K in draft_lens:
             g = torch.Generator().manual_seed(12345)
-            anchors = choose_anchors(seq_len, K, "aligned", g)
             losses, agree = [], 0
             for _ in range(cfg.eval_batches):
-                loss, a = block_loss(data.val_windows(cfg.batch_size, seq_len, g).to(device), K, anchors)
+                loss, a = block_loss(data.val_windows(cfg.batch_size, seq_len, g), K, "aligned", g)
                 losses.append(loss.item())
                 agree = agree + a.mean(0)  # (K-1,) agreement at each block index
-            agree = agree / cfg.eval_batches
+            agree = agree / cfg.eval_batches  # (aligned anchors: the same blocks in every batch)
             shown = " ".join(f"{x:.2f}" for x in agree[:8].tolist()) + (" ..." if K - 1 > 8 else "")
             print(f"eval step {step}: K={K} val {cfg.loss} {sum(losses) / len(losses):.4f} | agreement by index "
                   f"{shown} | expected tokens/cycle {expected_tokens_per_cycle(agree):.2f}", flush=True)
@@ -454,11 +502,13 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
     def save(step):
         if state_sha256(base.state_dict()) != base_hash:  # the base must come out bit-identical
             raise RuntimeError("the frozen base changed during head training; this is a bug")
+        if pretrained:  # the base stays where it is: keep its path and the hash of its float32 load
+            kind = {"kind": "orthrus-head", "base_path": os.path.abspath(base_path)}
+        else:
+            kind = {"kind": "orthrus", "model_config": dict(base_ckpt["model_config"]), "model": clean_state_dict(base),
+                    "tokenizer_model": base_ckpt.get("tokenizer_model")}
         save_checkpoint({
-            "kind": "orthrus", "format_version": 1,
-            "model_config": dict(base_ckpt["model_config"]), "model": clean_state_dict(base),
-            "tokenizer": base_ckpt["tokenizer"], "data_dir": cfg.data_dir,
-            "tokenizer_model": base_ckpt.get("tokenizer_model"),
+            **kind, "format_version": 1, "tokenizer": base_ckpt["tokenizer"], "data_dir": cfg.data_dir,
             "head_config": head.head_config(), "head": clean_state_dict(head), "data_kind": data.meta.get("kind", "corpus"),
             "base_ckpt": base_path, "base_sha256": base_hash,
             "optimizer": optimizer.state_dict(), "data_rng": gen.get_state(), "step": step,

@@ -29,6 +29,8 @@ Examples (from the repository root):
   python data/prepare.py --tokenizer tiktoken --encoding gpt2 --out-dir data/stdlib_gpt2
   python data/prepare.py --input ~/src/myproject --glob '*.py' --out-dir data/myproject
   python data/prepare.py --source tinystories --tokenizer sentencepiece
+  python data/prepare.py --tokenizer-from path/to/Qwen3-0.6B --out-dir data/stdlib_qwen3   # a real model's own
+  python data/prepare.py --tokenizer-from SmolLM2-135M-Instruct.Q4_1.gguf --out-dir data/stdlib_smol
 """
 import argparse
 import hashlib
@@ -93,6 +95,9 @@ def build_parser():
                           "train split; tiktoken: a named encoding (needs its file; default: %(default)s)")
     tok.add_argument("--vocab-size", type=int, default=4096, metavar="N",
                      help="sentencepiece vocabulary size, special ids included (default: %(default)s)")
+    tok.add_argument("--tokenizer-from", default=None, metavar="MODEL",
+                     help="use a pretrained model's own tokenizer: a Hugging Face folder (tokenizer.json), "
+                          "a tokenizer.json or a .gguf file (overrides --tokenizer)")
     tok.add_argument("--encoding", default="gpt2", metavar="NAME",
                      help="tiktoken encoding name (default: %(default)s)")
     p.add_argument("--out-dir", default=None, metavar="DIR",
@@ -219,6 +224,13 @@ def split_documents(docs, val_fraction):
 
 
 def make_tokenizer(args, out_dir, train_docs):
+    if args.tokenizer_from:  # its own errors are UserErrors already
+        from pretrained import is_pretrained_path, load_model_tokenizer
+
+        path = args.tokenizer_from  # a model (its vocabulary size fixes the MASK id) or a bare tokenizer.json
+        tok = load_model_tokenizer(path) if is_pretrained_path(path) else tk.BPETokenizer.from_file(path)
+        print(f"tokenizer: {args.tokenizer_from} (byte-level BPE, vocab {tok.vocab_size}, MASK id {tok.mask_id})")
+        return tok
     try:
         if args.tokenizer == "byte":
             return tk.ByteTokenizer()
@@ -262,7 +274,7 @@ def run(args):
         raise UserError(f"--out-dir {out_dir} is a file; pass a folder (train.bin, val.bin and meta.json go inside)")
 
     # byte and tiktoken need no corpus: build them first so a missing tiktoken file fails fast
-    tok = make_tokenizer(args, out_dir, None) if args.tokenizer != "sentencepiece" else None
+    tok = make_tokenizer(args, out_dir, None) if args.tokenizer != "sentencepiece" or args.tokenizer_from else None
 
     # 1. documents
     separator = args.doc_separator

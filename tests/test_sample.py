@@ -199,7 +199,7 @@ def test_flags_are_checked_before_loading_anything(flags, capsys, monkeypatch):
     def no_load(*args, **kwargs):
         raise AssertionError("the checkpoint was loaded before the flags were checked")
 
-    monkeypatch.setattr(sample, "load_checkpoint", no_load)
+    monkeypatch.setattr(sample, "open_model", no_load)
     expect_user_error(sample.main, ["--device", "cpu", "--ckpt", "any.pt", *flags], capsys)
 
 
