@@ -28,6 +28,7 @@ import copy
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from model import GPT
 
@@ -87,6 +88,13 @@ class DiffusionHead(nn.Module):
         base's keys/values over idx (what its KV cache would hold); anchors: (N,) positions s in
         `valid_anchor_range` (each whole block lies inside the sequence). Returns draft logits (B, N, K, vocab)
         equal to N separate `draft_logits` calls with the cache holding idx[:, :s]."""
+        return base.lm_head(base.norm(self.block_hidden_for_training(base, idx, base_k, base_v, anchors, draft_len)))
+
+    def block_hidden_for_training(self, base: GPT, idx: torch.Tensor, base_k: list, base_v: list,
+                                  anchors: torch.Tensor, draft_len: int, checkpoint_layers: bool = False):
+        """The last hidden states (B, N, K, n_embd) of block_logits_for_training, before the final
+        norm and LM head (chunked_head_loss applies those chunk by chunk). checkpoint_layers: keep
+        only each layer's input for backward and recompute the rest (less memory, ~1/3 more time)."""
         B, T = idx.shape
         K, N = draft_len, anchors.numel()
         offsets = torch.arange(K, device=idx.device)
@@ -96,15 +104,19 @@ class DiffusionHead(nn.Module):
         x = self.embed_block(base, block.view(B, N * K))  # (B, N*K, n_embd)
         cos, sin = base.rope_cos[positions], base.rope_sin[positions]  # (N*K, D)
         mask = training_attention_mask(anchors, T, K)  # (N*K, T + N*K)
-        for i, layer in enumerate(base.layers):
-            attn = self.attn[i]
+
+        def run_layer(x, i):
+            attn, layer = self.attn[i], base.layers[i]
             q, k, v = attn.project(layer.input_layernorm(x), cos, sin)  # (B, H or Hkv, N*K, D)
             keys = torch.cat([base_k[i], k], dim=2)  # (B, Hkv, T + N*K, D)
             values = torch.cat([base_v[i], v], dim=2)
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
             x = x + attn.o_proj(y.transpose(1, 2).reshape(B, N * K, -1))
-            x = layer.feed_forward(x)
-        return base.lm_head(base.norm(x)).view(B, N, K, -1)
+            return layer.feed_forward(x)
+
+        for i in range(len(base.layers)):
+            x = checkpoint(run_layer, x, i, use_reentrant=False) if checkpoint_layers else run_layer(x, i)
+        return x.view(B, N, K, -1)
 
 
 def prefix_and_block_attention(q, k_prefix, v_prefix, k_block, v_block):
@@ -172,9 +184,11 @@ def response_anchors(response: torch.Tensor, draft_len: int) -> torch.Tensor:
     return (inside[:, s + K] - inside[:, s + 1]) == K - 1
 
 
-def head_loss(draft_logits: torch.Tensor, teacher_logits: torch.Tensor, idx: torch.Tensor,
+def head_loss(draft_logits: torch.Tensor, teacher_logp: torch.Tensor, idx: torch.Tensor,
               anchors: torch.Tensor, kind: str = "kl", weight: torch.Tensor | None = None):
     """draft_logits: (B, N, K, V). Only block indices 0..K-2 draft (index i -> position s+i+1).
+    teacher_logp: (B, T, V) the base's log-probabilities at every position, computed once and
+    shared by every block that targets a position.
     'kl': forward KL(teacher || draft), teacher = base distribution at position s+i (the paper's
     objective); 'ce': cross-entropy against the data token at s+i+1 (the ablation).
     weight: optional (B, N) 0/1, which (row, block) pairs count (response_anchors).
@@ -182,10 +196,11 @@ def head_loss(draft_logits: torch.Tensor, teacher_logits: torch.Tensor, idx: tor
     over the counted rows (the quantity that predicts the accepted length under greedy decoding)."""
     B, N, K, V = draft_logits.shape
     target_pos = anchors[:, None] + torch.arange(K - 1, device=anchors.device)[None, :]  # (N, K-1): position s+i
-    student = draft_logits[:, :, : K - 1].float()  # (B, N, K-1, V)
-    teacher = teacher_logits[:, target_pos].float()  # (B, N, K-1, V)
+    wide = torch.promote_types(draft_logits.dtype, torch.float32)  # float32, or float64 when given it
+    student = draft_logits[:, :, : K - 1].to(wide)  # (B, N, K-1, V)
+    teacher = teacher_logp[:, target_pos]  # (B, N, K-1, V): gathered, not recomputed
     if kind == "kl":
-        log_p_teacher = F.log_softmax(teacher, dim=-1)
+        log_p_teacher = teacher.to(wide)
         log_p_student = F.log_softmax(student, dim=-1)
         per_token = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)  # (B, N, K-1)
     elif kind == "ce":
@@ -197,6 +212,34 @@ def head_loss(draft_logits: torch.Tensor, teacher_logits: torch.Tensor, idx: tor
     loss = (per_token * w[..., None]).sum() / ((K - 1) * w.sum()).clamp(min=1)
     agreement = ((student.argmax(-1) == teacher.argmax(-1)).float() * w[..., None]).sum(0) / w.sum(0).clamp(min=1)[:, None]
     return loss, agreement  # agreement (N, K-1)
+
+
+def chunked_head_loss(base: GPT, hidden: torch.Tensor, teacher_logp: torch.Tensor, idx: torch.Tensor,
+                      anchors: torch.Tensor, kind: str = "kl", weight: torch.Tensor | None = None,
+                      max_logits: int = 1 << 24):
+    """head_loss(lm_head(norm(hidden)), ...) computed a chunk of blocks at a time, each chunk under
+    activation checkpointing (its logits are recomputed in backward), so at most ~max_logits
+    draft logits (blocks x K x vocab, ~64 MiB in float32 by default) exist at once: what a 49K-152K
+    vocabulary needs. hidden: (B, N, K, n_embd). max_logits 0: all blocks at once. Same loss and
+    agreement as the unchunked form (a test checks values and gradients in float64)."""
+    B, N, K, _ = hidden.shape
+    per_chunk = N if max_logits <= 0 else max(1, max_logits // (B * K * base.config.vocab_size))
+    logits_of = lambda h: base.lm_head(base.norm(h))  # noqa: E731
+    if per_chunk >= N:
+        return head_loss(logits_of(hidden), teacher_logp, idx, anchors, kind, weight)
+    wide = torch.promote_types(hidden.dtype, torch.float32)
+    w = torch.ones(B, N, device=hidden.device, dtype=wide) if weight is None else weight.to(wide)
+    total, agreement = 0.0, []
+    for c in range(0, N, per_chunk):
+        part = slice(c, c + per_chunk)
+
+        def chunk_loss(h, part=part):
+            return head_loss(logits_of(h), teacher_logp, idx, anchors[part], kind, w[:, part])
+
+        loss, agree = checkpoint(chunk_loss, hidden[:, part], use_reentrant=False)
+        total = total + loss * w[:, part].sum().clamp(min=1)  # back to a sum over this chunk's blocks
+        agreement.append(agree.detach())
+    return total / w.sum().clamp(min=1), torch.cat(agreement)
 
 
 def expected_tokens_per_cycle(agreement_by_index: torch.Tensor) -> float:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from common import (ArgumentParser, UserError, add_dataclass_flags, autocast, build_base, clean_state_dict, dataclass_from,
                     load_checkpoint, pick_autocast_dtype, pick_device, read_data_meta, run_cli, same_tokenizer,
                     save_checkpoint, state_sha256, tokenizer_model_tensor)
-from diffusion_head import DiffusionHead, choose_anchors, expected_tokens_per_cycle, head_loss, response_anchors
+from diffusion_head import DiffusionHead, choose_anchors, chunked_head_loss, expected_tokens_per_cycle, response_anchors
 from model import GPT, GPTConfig, config_field
 from pretrained import is_pretrained_path, load_pretrained
 from tokenizer import load_tokens
@@ -70,6 +70,9 @@ class TrainConfig:
     anchors: str = config_field("random", "head: anchor placement, 'random' (2T/K distinct positions) or 'aligned' (every K)", ("random", "aligned"))
     anchors_per_seq: int = config_field(0, "head: random anchors per sequence (0 = 2T/K)")
     loss: str = config_field("kl", "head: 'kl' (distil the base's distribution) or 'ce' (data labels; ablation)", ("kl", "ce"))
+    loss_chunk_logits: int = config_field(1 << 24, "head: draft logits (blocks x K x vocab) computed at once in the loss; "
+                                          "chunks are recomputed in backward (0 = all at once)")
+    grad_checkpoint: bool = config_field(False, "head: recompute each layer's activations in backward (less memory)")
 
 
 # Presets: named bundles of flags. Model fields (GPTConfig) apply to the base stage only.
@@ -472,10 +475,11 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
             weight = usable[:, anchors].to(device)
         idx, anchors = idx.to(device), anchors.to(device)
         with autocast(device, amp):
-            with torch.no_grad():
+            with torch.no_grad():  # the frozen base: no graph, no gradient for its keys and values
                 teacher, ks, vs = base_kv_and_logits(base, idx)
-            logits = head.block_logits_for_training(base, idx, ks, vs, anchors, K)
-        return head_loss(logits, teacher, idx, anchors, cfg.loss, weight)
+                teacher_logp = F.log_softmax(teacher.float(), dim=-1)  # once per position, shared by its blocks
+            hidden = head.block_hidden_for_training(base, idx, ks, vs, anchors, K, cfg.grad_checkpoint)
+            return chunked_head_loss(base, hidden, teacher_logp, idx, anchors, cfg.loss, weight, cfg.loss_chunk_logits)
 
     def step_loss():
         K = draft_lens[torch.randint(len(draft_lens), (1,), generator=gen).item()]
@@ -577,7 +581,7 @@ def check_train_config(cfg: TrainConfig):
     for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "ckpt_interval",
                  "log_interval"):
         need(is_int(name) and getattr(cfg, name) >= 1, name, ">= 1")
-    for name in ("seed", "seq_len", "warmup_steps", "anchors_per_seq"):
+    for name in ("seed", "seq_len", "warmup_steps", "anchors_per_seq", "loss_chunk_logits"):
         need(is_int(name) and getattr(cfg, name) >= 0, name, "an integer >= 0")
     need(is_num("lr") and cfg.lr > 0, "lr", "a finite number > 0")
     need(is_num("min_lr_ratio") and 0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio",

@@ -1,9 +1,11 @@
 """The diffusion view: inference path == training path (float64), and the draft pass reads the
 shared cache without touching it."""
 
+import pytest
 import torch
 
-from diffusion_head import DiffusionHead, choose_anchors, head_loss, training_attention_mask, valid_anchor_range
+from diffusion_head import (DiffusionHead, choose_anchors, chunked_head_loss, head_loss, response_anchors,
+                            training_attention_mask, valid_anchor_range)
 from model import GPT, GPTConfig
 
 CFG = dict(vocab_size=40, context_len=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, head_dim=12, mlp_hidden=48)
@@ -105,11 +107,52 @@ def test_kl_loss_is_zero_when_head_equals_teacher_and_ce_uses_next_token():
     teacher = torch.randn(B, 12, V, dtype=torch.float64)
     anchors = torch.tensor([1, 5])
     draft = torch.stack([teacher[:, s : s + K] for s in anchors.tolist()], 1)  # index i == teacher at s+i
-    loss, agreement = head_loss(draft, teacher, torch.zeros(B, 12, dtype=torch.long), anchors, "kl")
+    teacher_logp = torch.log_softmax(teacher, -1)  # computed once per position by the trainer
+    loss, agreement = head_loss(draft, teacher_logp, torch.zeros(B, 12, dtype=torch.long), anchors, "kl")
     assert abs(loss.item()) < 1e-6 and agreement.shape == (N, K - 1) and bool((agreement == 1).all())
     idx = torch.randint(0, V, (B, 12))
-    loss_ce, _ = head_loss(draft, teacher, idx, anchors, "ce")
+    loss_ce, _ = head_loss(draft, teacher_logp, idx, anchors, "ce")
     ref = torch.nn.functional.cross_entropy(
-        torch.cat([teacher[0, s : s + K - 1] for s in anchors.tolist()]).float(),
+        torch.cat([teacher[0, s : s + K - 1] for s in anchors.tolist()]),  # float64 in, float64 loss
         torch.cat([idx[0, s + 1 : s + K] for s in anchors.tolist()]))
     torch.testing.assert_close(loss_ce, ref)
+
+
+@pytest.mark.parametrize("kind", ["kl", "ce"])
+def test_chunked_loss_equals_the_whole_loss_values_and_gradients(kind):
+    """chunked_head_loss (chunks of blocks, recomputed in backward) == head_loss on all logits at
+    once, loss, agreement and the head's gradients, in float64; with and without response weights,
+    with layer checkpointing too."""
+    base, head = tiny_pair()
+    torch.manual_seed(3)
+    B, T, K = 2, 24, 4
+    idx = torch.randint(0, base.config.vocab_size - 1, (B, T))
+    cache = base.new_cache(batch_size=B)
+    with torch.no_grad():
+        teacher_logp = torch.log_softmax(base(idx, cache), -1)
+    ks = [cache.k[i, :, :, :T] for i in range(base.config.n_layer)]
+    vs = [cache.v[i, :, :, :T] for i in range(base.config.n_layer)]
+    anchors = torch.tensor([0, 3, 7, 11, 15, 20])
+    weight = torch.tensor([[1, 0, 1, 1, 0, 1], [0, 0, 1, 1, 1, 1]], dtype=torch.float64)
+    for w in (None, weight):
+        results = []
+        for max_logits, ckpt in ((0, False), (2 * K * base.config.vocab_size, False), (1, True)):
+            head.zero_grad()
+            hidden = head.block_hidden_for_training(base, idx, ks, vs, anchors, K, checkpoint_layers=ckpt)
+            loss, agree = chunked_head_loss(base, hidden, teacher_logp, idx, anchors, kind, w, max_logits)
+            loss.backward()
+            results.append((loss.detach(), agree, [p.grad.clone() for p in head.parameters()]))
+        for loss, agree, grads in results[1:]:
+            torch.testing.assert_close(loss, results[0][0], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(agree, results[0][1], rtol=0, atol=1e-12)
+            for g, g0 in zip(grads, results[0][2]):
+                torch.testing.assert_close(g, g0, rtol=1e-10, atol=1e-12)
+
+
+def test_response_anchors_need_every_target_to_be_an_answer():
+    response = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 1, 1, 1]], dtype=torch.bool)  # T = 10
+    usable = response_anchors(response, 3)  # targets s+1, s+2
+    assert usable.tolist() == [[False, True, True, True, False, False, True, True]]
+    allowed = usable.any(0)
+    a = choose_anchors(10, 3, "random", torch.Generator().manual_seed(0), allowed=allowed)
+    assert set(a.tolist()) <= {1, 2, 3, 6, 7}

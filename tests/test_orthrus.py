@@ -193,7 +193,7 @@ def trained_orthrus():
         anchors = choose_anchors(T, 6, "random", g)
         logits = head.block_logits_for_training(base, idx, [cache.k[i, :, :, :T] for i in range(2)],
                                                 [cache.v[i, :, :, :T] for i in range(2)], anchors, 6)
-        loss, _ = head_loss(logits, teacher, idx, anchors, "kl")
+        loss, _ = head_loss(logits, torch.log_softmax(teacher, -1), idx, anchors, "kl")
         opt.zero_grad()
         loss.backward()
         opt.step()
