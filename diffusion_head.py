@@ -90,6 +90,10 @@ class DiffusionHead(nn.Module):
         equal to N separate `draft_logits` calls with the cache holding idx[:, :s]."""
         return base.lm_head(base.norm(self.block_hidden_for_training(base, idx, base_k, base_v, anchors, draft_len)))
 
+    def forward(self, *args, **kwargs):
+        """Training: block_hidden_for_training (a forward, so DistributedDataParallel can wrap the head)."""
+        return self.block_hidden_for_training(*args, **kwargs)
+
     def block_hidden_for_training(self, base: GPT, idx: torch.Tensor, base_k: list, base_v: list,
                                   anchors: torch.Tensor, draft_len: int, checkpoint_layers: bool = False):
         """The last hidden states (B, N, K, n_embd) of block_logits_for_training, before the final

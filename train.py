@@ -16,19 +16,25 @@ only --device and --max-steps may change, a larger --max-steps trains a finished
     python train.py --resume --out-dir out/base
     python train.py --resume --out-dir out/base --max-steps 1600
 A run whose loss turns NaN/inf stops at once (exit code 2) without saving the bad state.
+Data-parallel head training on N processes or GPUs (torch.distributed; --batch-size is the global
+batch, split across the processes, so the run follows the same trajectory as one process):
+    torchrun --nproc_per_node 2 train.py --stage head --preset gpu --base-ckpt out/base/ckpt.pt
 
 Every field of TrainConfig and GPTConfig is a flag (`python train.py --help`); a preset sets
 several at once and explicit flags override it.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from common import (ArgumentParser, UserError, add_dataclass_flags, autocast, build_base, clean_state_dict, dataclass_from,
@@ -243,6 +249,44 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+class Ranks:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun). Every rank draws the
+    same global batch with the same generator and trains on its own rows of it (rank, rank + N,
+    ...); DistributedDataParallel averages the gradients, so N processes follow the trajectory of
+    one process with the same global --batch-size. Rank 0 prints and writes checkpoints."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+
+    def start(self, device: torch.device) -> torch.device:
+        """Join the process group (gloo on CPUs, nccl on GPUs, one GPU per process)."""
+        if self.world > 1 and not dist.is_initialized():
+            if device.type == "cuda":
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return device
+
+    def rows(self, batch):
+        """This rank's rows of a global batch (a tensor, or a tuple of them; None passes)."""
+        if self.world == 1 or batch is None:
+            return batch
+        if isinstance(batch, tuple):
+            return tuple(self.rows(b) for b in batch)
+        return batch[self.rank :: self.world]
+
+    def mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.item() / self.world
+
+
+RANKS = Ranks()
+
+
 def train_loop(cfg, trainable, optimizer, step_loss, evaluate, save, start_step, tokens_per_step, device):
     """Run optimizer steps start_step..max_steps-1. step_loss() -> scalar loss of one micro-batch;
     evaluate(step) prints val figures; save(step) writes the checkpoint (atomically). One extra
@@ -277,12 +321,16 @@ def train_loop(cfg, trainable, optimizer, step_loss, evaluate, save, start_step,
             for group in optimizer.param_groups:
                 group["lr"] = lr
             total = 0.0
-            for _ in range(cfg.grad_accum):
-                loss = step_loss() / cfg.grad_accum
-                if not math.isfinite(loss.item()):
-                    diverged(f"the training loss became {loss.item() * cfg.grad_accum}", step + 1)
-                loss.backward()
+            for micro in range(cfg.grad_accum):
+                # under DistributedDataParallel, gradients are averaged across ranks at the last micro-batch
+                last_micro = micro == cfg.grad_accum - 1 or not hasattr(trainable, "no_sync")
+                with contextlib.nullcontext() if last_micro else trainable.no_sync():
+                    loss = step_loss() / cfg.grad_accum
+                    loss.backward()
                 total += loss.item()
+            total = RANKS.mean(total)  # every rank sees the same figure (and stops together)
+            if not math.isfinite(total):
+                diverged(f"the training loss became {total}", step + 1)
             # clip (max_norm inf when --grad-clip 0: scales by exactly 1.0) and check the global norm
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             if not math.isfinite(norm.item()):
@@ -328,6 +376,8 @@ def train_loop(cfg, trainable, optimizer, step_loss, evaluate, save, start_step,
 
 
 def train_base(cfg: TrainConfig, model_cfg: GPTConfig, resume_ckpt=None):
+    if RANKS.world > 1:
+        raise UserError("--stage base trains in one process; data-parallel training (torchrun) is for --stage head")
     seq_len = cfg.seq_len or model_cfg.context_len
     if seq_len > model_cfg.context_len:
         raise UserError(f"--seq-len {seq_len} exceeds the model's --context-len {model_cfg.context_len}")
@@ -420,7 +470,13 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
     draft_lens = parse_draft_lens(cfg.draft_lens)
     if cfg.seq_len and draft_lens[-1] > cfg.seq_len // 2:
         raise UserError(f"draft length {draft_lens[-1]} is too long for training sequences of {cfg.seq_len} tokens")
-    device = pick_device(cfg.device)
+    if cfg.batch_size % RANKS.world:
+        raise UserError(f"--batch-size {cfg.batch_size} (the global batch) must be a multiple of the "
+                        f"{RANKS.world} processes; each trains on batch-size / processes rows")
+    if resume_ckpt is not None and resume_ckpt.get("world_size", 1) != RANKS.world:
+        raise UserError(f"this run was trained on {resume_ckpt.get('world_size', 1)} process(es); resume it with the "
+                        f"same number (torchrun --nproc_per_node {resume_ckpt.get('world_size', 1)}), not {RANKS.world}")
+    device = RANKS.start(pick_device(cfg.device))
     amp = pick_autocast_dtype(device, cfg.dtype)
     data = load_data(cfg.data_dir)  # before the base checkpoint: the cheaper check first
     pretrained = is_pretrained_path(base_path)
@@ -478,14 +534,15 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
             with torch.no_grad():  # the frozen base: no graph, no gradient for its keys and values
                 teacher, ks, vs = base_kv_and_logits(base, idx)
                 teacher_logp = F.log_softmax(teacher.float(), dim=-1)  # once per position, shared by its blocks
-            hidden = head.block_hidden_for_training(base, idx, ks, vs, anchors, K, cfg.grad_checkpoint)
+            hidden = trainable(base, idx, ks, vs, anchors, K, cfg.grad_checkpoint)  # the head, maybe DDP-wrapped
             return chunked_head_loss(base, hidden, teacher_logp, idx, anchors, cfg.loss, weight, cfg.loss_chunk_logits)
 
     def step_loss():
         K = draft_lens[torch.randint(len(draft_lens), (1,), generator=gen).item()]
         # without response masks the anchors are drawn before the windows (the order earlier runs used)
         anchors = None if data.masked else choose_anchors(seq_len, K, cfg.anchors, gen, cfg.anchors_per_seq)
-        return block_loss(data.train_windows(cfg.batch_size, seq_len, gen), K, cfg.anchors, gen, anchors)[0]
+        windows = data.train_windows(cfg.batch_size, seq_len, gen)  # the global batch: every rank draws it...
+        return block_loss(RANKS.rows(windows), K, cfg.anchors, gen, anchors)[0]  # ...and trains on its rows
 
     @torch.no_grad()
     def evaluate(step):
@@ -506,6 +563,8 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
     def save(step):
         if state_sha256(base.state_dict()) != base_hash:  # the base must come out bit-identical
             raise RuntimeError("the frozen base changed during head training; this is a bug")
+        if RANKS.rank != 0:  # rank 0 writes for everyone (the ranks' weights are identical)
+            return
         if pretrained:  # the base stays where it is: keep its path and the hash of its float32 load
             kind = {"kind": "orthrus-head", "base_path": os.path.abspath(base_path)}
         else:
@@ -516,12 +575,14 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
             "head_config": head.head_config(), "head": clean_state_dict(head), "data_kind": data.meta.get("kind", "corpus"),
             "base_ckpt": base_path, "base_sha256": base_hash,
             "optimizer": optimizer.state_dict(), "data_rng": gen.get_state(), "step": step,
-            "train_config": dataclasses.asdict(cfg),
+            "train_config": dataclasses.asdict(cfg), "world_size": RANKS.world,
         }, ckpt_path(cfg))
         print(f"saved {ckpt_path(cfg)} (step {step}; base unchanged, sha256 {base_hash[:12]})", flush=True)
 
     head.train()
-    train_loop(cfg, head, optimizer, step_loss, evaluate, save, start, cfg.batch_size * cfg.grad_accum * seq_len, device)
+    trainable = head if RANKS.world == 1 else torch.nn.parallel.DistributedDataParallel(head)
+    train_loop(cfg, trainable, optimizer, step_loss, evaluate, save, start, cfg.batch_size * cfg.grad_accum * seq_len,
+               device)
     return base, head
 
 
@@ -658,6 +719,8 @@ def resume_config(args, cfg: TrainConfig, resume_ckpt: dict) -> TrainConfig:
 
 
 def main(argv=None):
+    if RANKS.rank != 0:  # one progress log per job: the other ranks only report errors
+        sys.stdout = open(os.devnull, "w")
     args = build_parser().parse_args(argv)
     cfg, model_cfg = configs_from_args(args)  # every flag is checked before anything is read
     pick_device(cfg.device, verbose=False)
