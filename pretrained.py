@@ -161,6 +161,25 @@ def load_pretrained(path, device="cpu", dtype=torch.float32, *, context_len=None
     return base, head, tok, info
 
 
+def read_config(path) -> GPTConfig:
+    """The GPTConfig of a model folder or .gguf file, without reading the weights (train.py --dry-run)."""
+    import gguf
+
+    from tokenizer import gguf_fields
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise UserError(f"{path} has no config.json: not a Hugging Face model folder (or pass a .gguf file)")
+        return hf_config_to_gpt(_read_json(cfg_path), path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # a truncated or foreign file fails in numpy/struct code
+        raise UserError(f"cannot read GGUF file {path}: {type(e).__name__}: {str(e).splitlines()[0][:120]}") from None
+    return gguf_config(gguf_fields(reader), {t.name: [int(x) for x in t.shape] for t in reader.tensors}, path)
+
+
 def load_model_tokenizer(path):
     """The tokenizer load_pretrained(path) returns (the model's vocabulary size and MASK id
     included), without reading the weights: for tokenizing data with a model's own tokenizer."""

@@ -42,7 +42,8 @@ from common import (ArgumentParser, UserError, add_dataclass_flags, autocast, bu
                     save_checkpoint, state_sha256, tokenizer_model_tensor)
 from diffusion_head import DiffusionHead, choose_anchors, chunked_head_loss, expected_tokens_per_cycle, response_anchors
 from model import GPT, GPTConfig, config_field
-from pretrained import is_pretrained_path, load_pretrained
+import estimate
+from pretrained import is_pretrained_path, load_pretrained, read_config
 from tokenizer import load_tokens
 
 
@@ -606,9 +607,49 @@ def build_parser():
                         "--device and --max-steps may change (other flags are reported as ignored). A larger "
                         "--max-steps extends a run, finished or not: the cosine schedule then runs to the new "
                         "--max-steps, so the learning rate rises again from where the old schedule had brought it")
+    est = p.add_argument_group("estimate (head stage): print the memory and time a run needs, load nothing, train nothing")
+    est.add_argument("--dry-run", action="store_true", help="estimate instead of training")
+    est.add_argument("--tflops", type=float, default=None,
+                     help="peak TFLOP/s of the device to plan for (default: measure this one); a GPU reaches "
+                          f"~{estimate.MATMUL_EFFICIENCY:.0%} of it")
+    est.add_argument("--gpu-memory-gb", type=float, default=None, help="say whether the run fits a device this big")
+    est.add_argument("--processes", type=int, default=None, help="processes to plan for (default: this job's)")
     add_dataclass_flags(p, TrainConfig)
     add_dataclass_flags(p, GPTConfig, skip=("vocab_size",))
     return p
+
+
+def dry_run(args, cfg: TrainConfig) -> dict:
+    """The estimate of estimate.py for this head-stage configuration (only the base's config is read)."""
+    if cfg.stage != "head" or not cfg.base_ckpt:
+        raise UserError("--dry-run estimates a head-stage run: pass --stage head --base-ckpt PATH")
+    if is_pretrained_path(cfg.base_ckpt):
+        config, pretrained = read_config(cfg.base_ckpt), True
+    else:
+        config, pretrained = GPTConfig(**load_checkpoint(cfg.base_ckpt)["model_config"]), False
+    processes = args.processes or RANKS.world
+    if processes < 1 or cfg.batch_size % processes:
+        raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --processes {processes}")
+    lens = parse_draft_lens(cfg.draft_lens)
+    seq_len = cfg.seq_len or (min(1024, config.context_len) if pretrained else config.context_len)
+    K = sum(lens) / len(lens)
+    device = pick_device(cfg.device, verbose=False)
+    amp = pick_autocast_dtype(device, cfg.dtype, verbose=False)
+    est = estimate.head_run(config, rows_per_process=cfg.batch_size // processes, processes=processes,
+                            grad_accum=cfg.grad_accum, seq_len=seq_len, draft_len=K,
+                            anchors=cfg.anchors_per_seq or max(1, 2 * seq_len // max(lens)),
+                            max_logits=cfg.loss_chunk_logits, grad_checkpoint=cfg.grad_checkpoint,
+                            compute_bytes=2 if amp is not None else 4,
+                            flash_attention=device.type == "cuda" or args.tflops is not None)
+    if args.tflops is not None:
+        tflops, where = args.tflops * estimate.MATMUL_EFFICIENCY, f"{estimate.MATMUL_EFFICIENCY:.0%} of {args.tflops:g} peak"
+    else:
+        tflops, where = estimate.measured_tflops(device, amp or torch.float32, config.n_embd), f"measured on {device}"
+    print(f"configuration: {processes} process(es) x {cfg.batch_size // processes} rows x {cfg.grad_accum} "
+          f"accumulation x {seq_len} tokens; K {lens}; {cfg.max_steps} steps")
+    print(estimate.report(est, tflops, where, args.gpu_memory_gb))
+    print(f"whole run: {fmt_time(est['seconds_per_step'] * cfg.max_steps)} for {cfg.max_steps} steps")
+    return est
 
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]
@@ -723,6 +764,8 @@ def main(argv=None):
         sys.stdout = open(os.devnull, "w")
     args = build_parser().parse_args(argv)
     cfg, model_cfg = configs_from_args(args)  # every flag is checked before anything is read
+    if args.dry_run:
+        return dry_run(args, cfg)
     pick_device(cfg.device, verbose=False)
     check_out_dir(cfg)
     if not args.resume and os.path.exists(ckpt_path(cfg)):  # training never loses work

@@ -460,3 +460,20 @@ def test_head_stage_bad_input(tiny, tmp_path, capsys, case, message):
     elif case == "replaced_base":
         argv = _replaced_base_resume(tiny, tmp_path)
     assert message in expect_user_error(train_script.main, argv, capsys)
+
+
+def test_dry_run_estimates_without_loading_or_training(tiny, tmp_path, capsys, monkeypatch):
+    """--dry-run prints memory and time for a head run and loads no weights and no data."""
+    def never(*args, **kwargs):
+        raise AssertionError("the dry run loaded weights or data")
+
+    for name in ("load_data", "build_base", "load_pretrained"):
+        monkeypatch.setattr(train_script, name, never)
+    argv = ["--stage", "head", "--preset", "tiny", "--base-ckpt", tiny["base"], "--out-dir", tmp_path / "h",
+            "--dry-run", "--tflops", "100", "--gpu-memory-gb", "80", "--processes", "2", *CPU]
+    est, log = train(argv)
+    assert "dry run: head" in log and "time per optimizer step" in log and "fits a 80 GB device" in log
+    assert est["memory_total"] > est["memory"]["base weights (fp32)"] > 0 and est["seconds_per_step"] > 0
+    assert not (tmp_path / "h").exists()
+    assert "--dry-run estimates a head-stage run" in expect_user_error(
+        train_script.main, ["--preset", "tiny", "--data-dir", tiny["data"], "--dry-run", *CPU], capsys)
