@@ -1,19 +1,71 @@
 """
 Self-distillation data: text written by the base model itself, the teacher data Orthrus' head is
-trained on in the paper (arXiv 2605.12825, Sec. 3.3; docs/method.md, "Training").
+trained on in the paper (arXiv 2605.12825, Sec. 3.3; docs/method.md, "Training"). Two modes.
 
-Each row is a prompt of --prompt-len tokens taken from the prepared corpus, continued by the base's
-own SAMPLES up to --row-len tokens (greedy text of small models loops). Rows are written in shards
-as they are generated, so an interrupted run resumes where it stopped (run the same command again).
+CORPUS MODE (--base-ckpt CKPT --data-dir CORPUS): each row is a prompt of --prompt-len tokens
+taken from the prepared corpus, continued by the base's own SAMPLES up to --row-len tokens (greedy
+text of small models loops). Rows are written in shards as they are generated, so an interrupted
+run resumes where it stopped (run the same command again).
 
     python data/self_distill.py --base-ckpt out/base/ckpt.pt --data-dir data/stdlib --out-dir data/self_stdlib
     python train.py --stage head --preset cpu --base-ckpt out/base/ckpt.pt --data-dir data/self_stdlib
 
-The output folder holds rows_00000.pt, ... (int64 tensors (rows, row_len)) and a meta.json that
-train.py reads like prepare.py's: the tokenizer, the base it came from (sha256), the folder whose
-val split evaluates the head (the corpus's: held-out text, not the base's own).
+The output folder holds rows_00000.pt, ... (int64 tensors (rows, row_len): every token counts as
+response) and a meta.json that train.py reads like prepare.py's: the tokenizer, the base it came
+from (sha256), the folder whose val split evaluates the head (source_data_dir: the corpus's
+held-out text, not the base's own).
+
+PROMPTS MODE (--prompts P --base MODEL): the base answers each prompt, the way the paper's data is
+made (prompts answered by the base itself).
+  P      a folder written by data/chat_prompts.py (train.jsonl + heldout.jsonl), or any prompt
+         file it reads (JSONL with "prompt", or plain text), split by the same hash rule.
+  MODEL  a .gguf file or a Hugging Face folder (pretrained.load_pretrained), or one of our .pt
+         checkpoints (train.py / export.py).
+  --chat auto (default): in the model's chat format (ChatML: pretrained.chat_prompt) when it has
+         one, else the prompt text is continued as it is; --chat true on a model without a chat
+         format is refused, --chat false continues plain text on any model.
+Greedy (--temperature 0) or sampled (--temperature/--top-k/--top-p; small models loop when greedy),
+up to --max-new-tokens per answer. Prompts are sorted by length and answered --batch-size at a time
+over one KV cache, rows left-padded (GPT.forward(pad=...)); each row stops at its own end id (any
+of the model's stop ids, its end of turn, end of text; what a finished row samples afterwards is
+dropped), and finished rows leave the batch once a quarter of it has finished. Each batch is one
+shard, gen_00000.jsonl, ..., written atomically, one line per conversation
+{"split", "index", "id", "prompt_ids", "response_ids", "stopped", "response"}, sampled from a
+generator seeded by (--seed, shard): a rerun of the same command skips the shards that exist and
+writes byte-identical files, wherever it stopped. meta.json records the settings from the start
+(base path and sha256 of its weights, tokenizer sha256, prompt file sha256, sampling, batch size);
+a rerun with other settings is refused. When every shard exists, the conversations are PACKED
+(a rerun with another --row-len just packs again):
+
+  conversation = prompt ids + response ids (ending with the end id the model generated), or, for
+  an answer cut at --max-new-tokens, + the end-of-turn id (end of text without chat) that the
+  model did not generate. Training conversations, in prompt-file order, are concatenated into one
+  stream and cut into rows of --row-len tokens; the last row is filled up with end-of-text ids.
+  Held-out conversations are packed the same way into their own rows.
+
+PACKED FORMAT (the contract train.py reads):
+  rows_00000.pt, rows_00001.pt, ...  {"tokens": LongTensor (N, row_len), "response": BoolTensor
+                (N, row_len)}, at most --rows-per-file rows each. response[i, j] is True exactly
+                where the base GENERATED tokens[i, j] (the end-of-turn/end id it generated
+                included); prompt tokens, the end id added after a cut answer and the fill of the
+                last row are False. Head anchors belong where a block's targets are response
+                tokens. (Corpus mode writes plain LongTensors here: every token is response.)
+  val_rows_00000.pt  the same dict, from the held-out prompts only (never training prompts).
+  meta.json     "kind": "self-distilled", "row_len", "n_rows", "n_val_rows", "val": "rows",
+                "tokenizer" (the tokenizer's meta dict), "vocab_size", "dtype" (token dtype name
+                of the vocabulary), "eot_id", "end_of_turn_id", "stop_ids", "base", "base_format",
+                "base_sha256" (common.state_sha256 of the base as loaded, in float32: what
+                train.py compares), "tokenizer_sha256", "prompts",
+                "prompts_sha256", "chat", "temperature", "top_k", "top_p", "seed",
+                "max_new_tokens", "batch_size", "summary"; NO "source_data_dir" (there is no
+                corpus). "n_rows" appears only once packing is done.
+
+    python data/chat_prompts.py --max-prompts 3000
+    python data/self_distill.py --prompts data/chat_prompts --base SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --out-dir out/smol_self --max-new-tokens 256 --row-len 512 --threads 1
 """
 
+import hashlib
 import json
 import os
 import sys
@@ -21,27 +73,48 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+DATA = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(DATA))  # the repository root
+sys.path.insert(1, DATA)  # chat_prompts.py
 
 from common import (ArgumentParser, UserError, build_base, load_checkpoint, pick_device, read_data_meta,  # noqa: E402
-                    run_cli, save_checkpoint, state_sha256)
+                    run_cli, save_checkpoint, set_threads, state_sha256)
 from sampling import Sampling  # noqa: E402
-from tokenizer import load_tokens  # noqa: E402
+from tokenizer import load_tokens, token_dtype  # noqa: E402
 
 
 def build_parser():
     p = ArgumentParser(__doc__)
-    p.add_argument("--base-ckpt", required=True, help="the base model that writes the text (train.py --stage base)")
-    p.add_argument("--data-dir", default="data/stdlib", help="prepared corpus (data/prepare.py) the prompts come from")
+    p.add_argument("--base-ckpt", default=None, help="corpus mode: the base model that writes the text "
+                   "(train.py --stage base)")
+    p.add_argument("--data-dir", default="data/stdlib", help="corpus mode: prepared corpus (data/prepare.py) the "
+                   "prompts come from")
     p.add_argument("--out-dir", required=True, help="where the rows and meta.json go")
-    p.add_argument("--tokens", type=int, default=1_000_000, help="tokens to generate in all (rows x row length)")
-    p.add_argument("--row-len", type=int, default=0, help="tokens per row, prompt included (0 = the base's context)")
-    p.add_argument("--prompt-len", type=int, default=32, help="corpus tokens that open each row")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (> 0: greedy text loops)")
+    p.add_argument("--tokens", type=int, default=1_000_000, help="corpus mode: tokens to generate in all "
+                   "(rows x row length)")
+    p.add_argument("--row-len", type=int, default=0, help="tokens per row (0 = the base's context in corpus mode, "
+                   "512 in prompts mode)")
+    p.add_argument("--prompt-len", type=int, default=32, help="corpus mode: corpus tokens that open each row")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (corpus mode: > 0, "
+                   "greedy text loops; prompts mode: 0 = greedy)")
     p.add_argument("--top-k", type=int, default=0, help="top-k for sampling (0 = off)")
-    p.add_argument("--batch-size", type=int, default=64, help="rows generated together (one shard each)")
+    p.add_argument("--batch-size", type=int, default=None, help="rows generated together, one shard each "
+                   "(default: 64 in corpus mode, 32 in prompts mode)")
     p.add_argument("--seed", type=int, default=1337, help="seeds the prompt choice and the sampler")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--prompts", default=None, metavar="PATH", help="prompts mode: a data/chat_prompts.py folder or "
+                   "a prompt file (JSONL with \"prompt\", or plain text)")
+    p.add_argument("--base", default=None, metavar="MODEL", help="prompts mode: a .gguf file, a Hugging Face "
+                   "folder or one of our .pt checkpoints")
+    p.add_argument("--chat", choices=["auto", "true", "false"], default="auto", help="prompts mode: answer in the "
+                   "model's chat format (auto: when it has one)")
+    p.add_argument("--top-p", type=float, default=None, help="prompts mode: nucleus sampling (default 1 = off)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="prompts mode: longest answer (default 256)")
+    p.add_argument("--max-prompts", type=int, default=0, help="prompts mode: answer only the first N training "
+                   "prompts (0 = all; the held-out prompts are all answered)")
+    p.add_argument("--rows-per-file", type=int, default=2048, help="prompts mode: packed rows per rows_*.pt file")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default, which follows "
+                   "OMP_NUM_THREADS)")
     return p
 
 
@@ -66,8 +139,15 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def run_corpus(args):
+    """Corpus mode: rows of corpus prompts continued by the base's samples (plain int64 tensors)."""
+    if not args.base_ckpt:
+        raise UserError("corpus mode needs --base-ckpt PATH (train.py --stage base); or pass --prompts FILE for "
+                        "chat data")
+    if args.top_p is not None or args.max_new_tokens is not None or args.chat != "auto" or args.max_prompts:
+        raise UserError("--top-p, --max-new-tokens, --chat and --max-prompts belong to --prompts mode; corpus "
+                        "mode uses --tokens, --row-len and --prompt-len")
+    args.batch_size = 64 if args.batch_size is None else args.batch_size
     for name in ("tokens", "prompt_len", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -128,6 +208,288 @@ def main(argv=None):
         json.dump(out_meta, f, indent=1)
     print(f"done: {out_meta['n_rows']} rows of {row_len} tokens in {args.out_dir}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts mode: answering prompts in batches
+
+
+@torch.no_grad()
+def answer_batch(base, prompts, max_new_tokens: int, sampling: Sampling, stop_ids, pad_id: int = 0,
+                 compact: bool = True):
+    """Answers to a batch of prompts (lists of ids, any lengths), decoded together over one KV
+    cache: rows left-padded to the longest prompt (GPT.forward(pad=...) hides the padding), each
+    row stopping at the first id in stop_ids (included in its answer) or after max_new_tokens.
+    What a finished row produces afterwards is dropped; with compact, finished rows leave the
+    batch (cache rows selected away) once a quarter of it has finished.
+    Returns (answers: [[id]], stopped: [bool]) in the order of prompts."""
+    B = len(prompts)
+    lens = [len(p) for p in prompts]
+    if B == 0 or min(lens) == 0:
+        raise ValueError("answer_batch needs at least one prompt and no empty prompt")
+    device = base.lm_head.weight.device
+    P = max(lens)
+    x = torch.full((B, P), pad_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        x[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
+    pad = torch.tensor([P - n for n in lens], dtype=torch.long, device=device)
+    cache = base.new_cache(batch_size=B, capacity=P + max_new_tokens)
+    logits = base(x.to(device), cache, logits="last", pad=pad)[:, 0]  # (B, V)
+    stop = set(int(s) for s in stop_ids)
+    answers, stopped = [[] for _ in range(B)], [False] * B
+    rows = list(range(B))  # the prompt each batch row answers
+    for step in range(max_new_tokens):
+        token = sampling.choose(logits if logits.dtype == torch.float64 else logits.float())  # (B_now,)
+        for b, t in zip(rows, token.tolist()):
+            if not stopped[b]:
+                answers[b].append(t)
+                stopped[b] = t in stop
+        alive = [j for j, b in enumerate(rows) if not stopped[b]]
+        if not alive or step + 1 == max_new_tokens:
+            break
+        if compact and len(rows) - len(alive) >= max(1, len(rows) // 4):
+            keep = torch.tensor(alive, device=device)
+            cache.k, cache.v = cache.k[:, keep], cache.v[:, keep]
+            pad, token, rows = pad[keep], token[keep], [rows[j] for j in alive]
+        logits = base(token.view(-1, 1), cache, logits="last", pad=pad)[:, 0]
+    return answers, stopped
+
+
+def sha256_file(*paths) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def load_prompts(path, max_prompts: int = 0):
+    """(train records, held-out records, sha256 of the file(s)) from a chat_prompts.py folder or a
+    prompt file (split by chat_prompts' hash rule)."""
+    import chat_prompts
+
+    if os.path.isdir(path):
+        train, heldout = chat_prompts.read_prompt_folder(path)
+        digest = sha256_file(os.path.join(path, "train.jsonl"), os.path.join(path, "heldout.jsonl"))
+    else:
+        records = chat_prompts.read_prompt_file(path)
+        train, heldout = chat_prompts.split_prompts(records)
+        digest = sha256_file(path)
+    if max_prompts:
+        train = train[:max_prompts]
+    if not train:
+        raise UserError(f"{path} holds no training prompts (only {len(heldout)} held-out); add prompts")
+    if not heldout:
+        raise UserError(f"{path} holds no held-out prompts; give at least two prompts (or a chat_prompts.py folder "
+                        f"with a non-empty heldout.jsonl)")
+    return train, heldout, digest
+
+
+def load_base_for_prompts(path, device):
+    """(base, tokenizer, description dict) from a .gguf / HF folder or one of our .pt checkpoints."""
+    from pretrained import is_pretrained_path, load_pretrained
+
+    if not os.path.exists(path):
+        raise UserError(f"--base {path} not found: pass a .gguf file, a Hugging Face model folder or a .pt checkpoint")
+    if is_pretrained_path(path):
+        base, _, tok, info = load_pretrained(path, device=device)
+        return base, tok, {"base_format": info["format"], "base_sha256": state_sha256(base.state_dict()),
+                           "stop_ids": sorted(set(info.get("stop_ids") or []))}
+    from common import load_ckpt_tokenizer, load_model
+
+    ckpt = load_checkpoint(path)
+    base, _ = load_model(ckpt, device)
+    return base, load_ckpt_tokenizer(ckpt), {"base_format": ckpt["kind"], "base_sha256": state_sha256(base.state_dict()),
+                                             "stop_ids": []}
+
+
+# what must match for a rerun to continue a folder (paths may move; contents may not)
+RESUME_KEYS = ("kind", "mode", "base_sha256", "tokenizer_sha256", "vocab_size", "prompts_sha256", "max_prompts",
+               "chat", "stop_ids", "temperature", "top_k", "top_p", "seed", "max_new_tokens", "batch_size")
+
+
+def pack(conversations, row_len: int, fill_id: int):
+    """Conversations [(ids, response mask)] -> (tokens LongTensor (N, row_len), response BoolTensor
+    (N, row_len), fill): concatenated in order and cut into rows; the last row is filled up with
+    fill_id (response False). N >= 1."""
+    ids = [t for c, _ in conversations for t in c]
+    mask = [m for _, r in conversations for m in r]
+    n = max(1, -(-len(ids) // row_len))
+    fill = n * row_len - len(ids)
+    tokens = torch.tensor(ids + [fill_id] * fill, dtype=torch.long).view(n, row_len)
+    response = torch.tensor(mask + [False] * fill, dtype=torch.bool).view(n, row_len)
+    return tokens, response, fill
+
+
+def conversation(rec: dict, end_id: int):
+    """(ids, response mask) of one answered prompt: prompt + answer (+ end_id after a cut answer)."""
+    p, r = rec["prompt_ids"], rec["response_ids"]
+    extra = [] if rec["stopped"] else [end_id]
+    return p + r + extra, [False] * len(p) + [True] * len(r) + [False] * len(extra)
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def run_prompts(args):
+    """Prompts mode: the base answers the prompts in batches (resumable shards), then the
+    conversations are packed into rows with a response mask (module docstring)."""
+    path = args.base or args.base_ckpt
+    if not path:
+        raise UserError("--prompts needs --base MODEL (a .gguf file, a Hugging Face folder or a .pt checkpoint)")
+    if args.tokens != 1_000_000 or args.prompt_len != 32:
+        raise UserError("--tokens and --prompt-len belong to corpus mode; with --prompts, use --max-prompts and "
+                        "--max-new-tokens")
+    batch_size = 32 if args.batch_size is None else args.batch_size
+    max_new = 256 if args.max_new_tokens is None else args.max_new_tokens
+    top_p = 1.0 if args.top_p is None else args.top_p
+    row_len = args.row_len or 512
+    for flag, v in (("--batch-size", batch_size), ("--max-new-tokens", max_new), ("--row-len", row_len),
+                    ("--rows-per-file", args.rows_per_file)):
+        if v < 1:
+            raise UserError(f"{flag} must be >= 1, got {v}")
+    if args.seed < 0 or args.top_k < 0 or args.max_prompts < 0:
+        raise UserError("--seed, --top-k and --max-prompts must be >= 0")
+    Sampling(args.temperature, args.top_k, top_p)  # validates them before anything is loaded
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UserError(f"--out-dir {args.out_dir!r} is a file; pass a folder")
+    train, heldout, prompts_sha = load_prompts(args.prompts, args.max_prompts)
+    device = pick_device(args.device)
+    t_load = time.time()
+    base, tok, about = load_base_for_prompts(path, device)
+    has_chat = getattr(tok, "chat_format", None) is not None
+    if args.chat == "true" and not has_chat:
+        raise UserError(f"{path} has no chat format this code knows (ChatML); pass --chat false to continue the "
+                        f"prompts as plain text")
+    chat = has_chat if args.chat == "auto" else args.chat == "true"
+    end_of_turn = getattr(tok, "end_of_turn_id", None)
+    stop_ids = sorted(set(about["stop_ids"]) | {tok.eot_id} | ({end_of_turn} if chat and end_of_turn is not None
+                                                                 else set()))
+    end_id = end_of_turn if chat and end_of_turn is not None else tok.eot_id
+    tok_meta = tok.meta()
+    tok_sha = tok_meta.get("sha256") or hashlib.sha256(json.dumps(tok_meta, sort_keys=True).encode()).hexdigest()
+    V = base.config.vocab_size
+    print(f"base: {path} ({about['base_format']}, {base.num_params() / 1e6:.1f}M parameters, loaded in "
+          f"{time.time() - t_load:.1f}s) | {'chat format' if chat else 'plain text'} | stop ids {stop_ids}")
+
+    # every prompt's ids, sorted by length into batches (train and held-out together)
+    items, skipped = [], 0
+    limit = base.config.context_len - max_new
+    for split, records in (("train", train), ("heldout", heldout)):
+        for index, rec in enumerate(records):
+            ids = tok.encode_chat(rec["prompt"]) if chat else tok.encode(rec["prompt"])
+            if 0 < len(ids) <= limit:
+                items.append({"split": split, "index": index, "id": rec["id"], "prompt_ids": ids})
+            else:
+                skipped += 1
+    if not any(it["split"] == "train" for it in items) or not any(it["split"] == "heldout" for it in items):
+        raise UserError(f"no training or no held-out prompt fits the base's context ({base.config.context_len}) "
+                        f"with --max-new-tokens {max_new}; lower --max-new-tokens or use shorter prompts")
+    items.sort(key=lambda it: (len(it["prompt_ids"]), it["split"], it["index"]))
+    shards = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+
+    meta = {"kind": "self-distilled", "mode": "prompts", "base": os.path.abspath(path), **about,
+            "tokenizer": tok_meta, "tokenizer_sha256": tok_sha, "vocab_size": V, "dtype": token_dtype(V),
+            "eot_id": tok.eot_id, "end_of_turn_id": end_of_turn if chat else None, "mask_id": tok.mask_id,
+            "prompts": os.path.abspath(args.prompts), "prompts_sha256": prompts_sha, "max_prompts": args.max_prompts,
+            "chat": chat, "stop_ids": stop_ids, "temperature": args.temperature, "top_k": args.top_k, "top_p": top_p,
+            "seed": args.seed, "max_new_tokens": max_new, "batch_size": batch_size,
+            "n_prompts": {"train": len(train), "heldout": len(heldout), "skipped_too_long": skipped},
+            "n_shards": len(shards)}
+    meta_path = os.path.join(args.out_dir, "meta.json")
+    if os.path.exists(meta_path):  # resuming: it must be the same job
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                saved = json.load(f)
+        except ValueError:
+            raise UserError(f"{meta_path} is not readable JSON; pick a new --out-dir") from None
+        diff = [k for k in RESUME_KEYS if saved.get(k) != meta.get(k)]
+        if diff:
+            k = diff[0]
+            raise UserError(f"{args.out_dir} was made with other settings ({k} {str(saved.get(k))[:40]!r} there, "
+                            f"{str(meta.get(k))[:40]!r} now); rerun with the same flags or pick a new --out-dir")
+    elif os.path.isdir(args.out_dir) and any(f.startswith(("gen_", "rows_", "val_rows_")) for f in os.listdir(args.out_dir)):
+        raise UserError(f"{args.out_dir} holds shards but no meta.json; pick a new --out-dir")
+    os.makedirs(args.out_dir, exist_ok=True)
+    if not os.path.exists(meta_path):
+        write_json(meta_path, meta)
+
+    # generate: one shard per batch, each sampled from its own seed
+    t0, made_tokens, made_prompts = time.time(), 0, 0
+    todo = [s for s in range(len(shards)) if not os.path.exists(os.path.join(args.out_dir, f"gen_{s:05d}.jsonl"))]
+    left_prompts = sum(len(shards[s]) for s in todo)
+    for s in todo:
+        batch = shards[s]
+        gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + s)
+        sampling = Sampling(args.temperature, args.top_k, top_p, gen)
+        answers, stopped = answer_batch(base, [it["prompt_ids"] for it in batch], max_new, sampling, stop_ids,
+                                        pad_id=tok.eot_id)
+        shard_path = os.path.join(args.out_dir, f"gen_{s:05d}.jsonl")
+        with open(shard_path + ".tmp", "w", encoding="utf-8") as f:
+            for it, a, st in zip(batch, answers, stopped):
+                f.write(json.dumps({**it, "response_ids": a, "stopped": st, "response": tok.decode(a)},
+                                   ensure_ascii=False) + "\n")
+        os.replace(shard_path + ".tmp", shard_path)
+        made_tokens += sum(map(len, answers))
+        made_prompts += len(batch)
+        left_prompts -= len(batch)
+        elapsed = time.time() - t0
+        print(f"shard {s + 1}/{len(shards)} | {made_tokens / elapsed:,.1f} generated tok/s | "
+              f"{made_tokens / made_prompts:.0f} tokens/answer | ETA {fmt_time(elapsed / made_prompts * left_prompts)}",
+              flush=True)
+
+    # pack
+    records = []
+    for s in range(len(shards)):
+        with open(os.path.join(args.out_dir, f"gen_{s:05d}.jsonl"), encoding="utf-8") as f:
+            records += [json.loads(line) for line in f]
+    if len(records) != len(items):
+        raise RuntimeError(f"{len(records)} answers in the shards for {len(items)} prompts")
+    for name in os.listdir(args.out_dir):  # a previous packing (another --row-len, or interrupted)
+        if name.startswith(("rows_", "val_rows_")) and name.endswith(".pt"):
+            os.remove(os.path.join(args.out_dir, name))
+    split_recs = {sp: sorted((r for r in records if r["split"] == sp), key=lambda r: r["index"])
+                  for sp in ("train", "heldout")}
+    tokens, response, fill = pack([conversation(r, end_id) for r in split_recs["train"]], row_len, tok.eot_id)
+    for i in range(0, tokens.size(0), args.rows_per_file):
+        save_checkpoint({"tokens": tokens[i:i + args.rows_per_file].clone(),
+                         "response": response[i:i + args.rows_per_file].clone()},
+                        os.path.join(args.out_dir, f"rows_{i // args.rows_per_file:05d}.pt"))
+    val_tokens, val_response, _ = pack([conversation(r, end_id) for r in split_recs["heldout"]], row_len, tok.eot_id)
+    save_checkpoint({"tokens": val_tokens, "response": val_response}, os.path.join(args.out_dir, "val_rows_00000.pt"))
+
+    n_resp = sum(len(r["response_ids"]) for r in records)
+    n_stop = sum(r["stopped"] for r in records)
+    summary = {"conversations": len(records), "train_conversations": len(split_recs["train"]),
+               "heldout_conversations": len(split_recs["heldout"]),
+               "tokens": sum(len(r["prompt_ids"]) + len(r["response_ids"]) + (not r["stopped"]) for r in records),
+               "response_tokens": n_resp, "mean_response_len": round(n_resp / len(records), 2),
+               "stopped_at_end_id": n_stop, "hit_max_new_tokens": len(records) - n_stop,
+               "train_response_tokens": int(response.sum()), "fill_tokens": fill}
+    meta.update(row_len=row_len, n_rows=tokens.size(0), n_val_rows=val_tokens.size(0), val="rows",
+                rows_per_file=args.rows_per_file, summary=summary)
+    write_json(meta_path, meta)
+    print(f"done: {summary['conversations']} conversations ({summary['train_conversations']} train, "
+          f"{summary['heldout_conversations']} held-out), {summary['tokens']:,} tokens, {n_resp:,} response tokens, "
+          f"mean response {summary['mean_response_len']:.1f} tokens; {n_stop} stopped at an end id, "
+          f"{summary['hit_max_new_tokens']} hit --max-new-tokens"
+          + (f"; {skipped} prompts too long, skipped" if skipped else ""))
+    print(f"packed: {tokens.size(0)} rows + {val_tokens.size(0)} val rows of {row_len} tokens in {args.out_dir}")
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.threads < 0:
+        raise UserError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
+    set_threads(args.threads)
+    return run_prompts(args) if args.prompts else run_corpus(args)
 
 
 if __name__ == "__main__":
