@@ -34,11 +34,12 @@ import torch.nn.functional as F
 
 from consensus import acceptance_histogram
 from common import (ArgumentParser, UserError, load_checkpoint, load_ckpt_tokenizer, load_model, open_model,
-                    pick_device, read_data_meta, read_prompt_file, run_cli, same_tokenizer, set_threads)
+                    pick_device, read_data_meta, run_cli, same_tokenizer, set_threads)
 from model import GPT, GPTConfig, kv_bytes
 from decoding import sync_device
 from orthrus import DiffusionDrafter, generate, generate_speculative
 from pretrained import is_pretrained_path
+from prompts import read_prompt_file
 from sampling import GREEDY, Sampling
 from speculative import DraftModelDrafter, PromptLookupDrafter
 from tokenizer import load_tokens
@@ -369,7 +370,7 @@ class Bench:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
         if not args.ckpt:
             raise UserError(f"--suite {args.suite} needs --ckpt PATH of a base+head checkpoint (train.py --stage head)")
-        prompt_texts = read_prompt_file(args.prompts) if args.prompts else None  # a bad file fails before loading
+        prompt_texts = [r["prompt"] for r in read_prompt_file(args.prompts)] if args.prompts else None  # fails before loading
         self.base, self.head, self.tokenizer, self.info = open_model(args.ckpt, device, dtype)
         self.ckpt = self.info.get("ckpt") or {}
         if self.head is None:

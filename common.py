@@ -443,31 +443,3 @@ def read_data_meta(data_dir: str) -> dict:
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: not written by data/prepare.py; run it again")
     return meta
-
-
-def read_prompt_file(path: str) -> list:
-    """Prompts from a file: JSONL with a "prompt" field per line (data/chat_prompts.py writes
-    these), or plain text with prompts separated by blank lines."""
-    import json
-
-    if not os.path.isfile(path):
-        raise UserError(f"prompt file {path!r} not found" + (" (it is a folder)" if os.path.isdir(path) else ""))
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f"prompt file {path!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if path.endswith(".jsonl"):
-        prompts = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                prompts.append(json.loads(line)["prompt"])
-            except (ValueError, KeyError, TypeError):
-                raise UserError(f"{path}:{n} is not a JSON object with a \"prompt\" field") from None
-    else:
-        prompts = [p.strip() for p in text.split("\n\n") if p.strip()]
-    if not prompts or not all(isinstance(p, str) and p for p in prompts):
-        raise UserError(f"prompt file {path!r} holds no prompts (JSONL lines {{\"prompt\": ...}}, or blank-line separated text)")
-    return prompts

@@ -608,10 +608,10 @@ def build_parser():
                         "--max-steps extends a run, finished or not: the cosine schedule then runs to the new "
                         "--max-steps, so the learning rate rises again from where the old schedule had brought it")
     est = p.add_argument_group("estimate (head stage): print the memory and time a run needs, load nothing, train nothing")
-    est.add_argument("--dry-run", action="store_true", help="estimate instead of training")
+    est.add_argument("--dry-run", action="store_true", default=None, help="estimate instead of training")
     est.add_argument("--tflops", type=float, default=None,
                      help="peak TFLOP/s of the device to plan for (default: measure this one); a GPU reaches "
-                          f"~{estimate.MATMUL_EFFICIENCY:.0%} of it")
+                          f"~{round(100 * estimate.MATMUL_EFFICIENCY)} percent of it")
     est.add_argument("--gpu-memory-gb", type=float, default=None, help="say whether the run fits a device this big")
     est.add_argument("--processes", type=int, default=None, help="processes to plan for (default: this job's)")
     add_dataclass_flags(p, TrainConfig)

@@ -39,7 +39,6 @@ way). Running the same command twice gives byte-identical files (same Python std
 """
 
 import ast
-import hashlib
 import json
 import os
 import random
@@ -54,6 +53,7 @@ for _p in (ROOT, DATA):
         sys.path.insert(0, _p)
 
 from errors import UserError  # noqa: E402
+from prompts import read_prompt_file, record, sha, split_prompts  # noqa: E402,F401 (read_prompt_file: tests use it here)
 
 GROUPS = ("code", "chat", "math")
 CODE_KINDS = ("write", "explain", "complete")
@@ -100,19 +100,6 @@ EVERYDAY = [
     ("howto", "How do I {h}? Give short steps."),
     ("howto-mistakes", "What are the most common mistakes people make when they {h}?"),
 ]
-
-
-def sha(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def heldout_score(prompt: str) -> float:
-    """Where the prompt falls in [0, 1): held out when below the held-out fraction."""
-    return int(sha("heldout:" + prompt)[:15], 16) / 16 ** 15
-
-
-def record(prompt: str, kind: str, source: str) -> dict:
-    return {"id": f"{kind}-{sha(prompt)[:12]}", "prompt": prompt, "kind": kind, "source": source}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,81 +276,8 @@ def builtin_prompts(groups=GROUPS, max_chars: int = 1500, files=None):
 # a user's file of prompts
 
 
-def read_prompt_file(path, fmt: str = "auto"):
-    """[record] from a user's file: JSONL with a "prompt" field, or plain text (one prompt per
-    line; blank-line separated blocks when the file holds a blank line). Bad input: UserError."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"prompt file {path} not found" + (" (it is a folder; pass a file)" if os.path.isdir(path) else ""))
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"prompt file {path} is not UTF-8 text (byte {e.start} is {data[e.start]:#04x}); "
-                        f"save it as UTF-8") from None
-    if not text.strip():
-        raise UserError(f"prompt file {path} is empty: write one prompt per line, or JSONL lines like "
-                        f'{{"prompt": "..."}}')
-    first = text.lstrip()[:1]
-    if fmt == "auto":
-        fmt = "jsonl" if path.lower().endswith((".jsonl", ".json")) or first == "{" else "text"
-    name = os.path.basename(path)
-    out = []
-    if fmt == "jsonl":
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise UserError(f"{path} line {lineno} is not valid JSON ({getattr(e, 'msg', e)}); each line must "
-                                f'be one object like {{"prompt": "..."}}') from None
-            if not isinstance(obj, dict) or "prompt" not in obj:
-                raise UserError(f'{path} line {lineno} has no "prompt" field; each line must be one object like '
-                                f'{{"prompt": "..."}}')
-            prompt = obj["prompt"]
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise UserError(f'{path} line {lineno}: "prompt" must be a non-empty string, got {prompt!r:.60}')
-            kind = obj.get("kind") if isinstance(obj.get("kind"), str) and obj.get("kind") else "user"
-            source = obj.get("source") if isinstance(obj.get("source"), str) else f"{name}:{lineno}"
-            out.append(record(prompt, kind, source))
-    elif fmt == "text":
-        lines = text.splitlines()
-        if any(not line.strip() for line in "\n".join(lines).strip("\n").splitlines()):  # a blank line inside
-            block, start = [], None
-            for lineno, line in enumerate(lines + [""], 1):
-                if line.strip():
-                    start = start or lineno
-                    block.append(line)
-                elif block:
-                    out.append(record("\n".join(block).strip(), "user", f"{name}:{start}"))
-                    block, start = [], None
-        else:
-            out = [record(line.strip(), "user", f"{name}:{i}") for i, line in enumerate(lines, 1) if line.strip()]
-    else:
-        raise UserError(f"unknown prompt file format {fmt!r}: use auto, jsonl or text")
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # the split and the files
-
-
-def split_prompts(records, heldout_fraction: float = 0.05, max_train=None):
-    """(train, heldout) lists, in the given order: a prompt is held out by the hash of its text
-    (heldout_score); stop after max_train training prompts. Always at least one held-out prompt
-    when there are two or more prompts (the one with the lowest score)."""
-    train, heldout = [], []
-    for r in records:
-        if max_train is not None and len(train) >= max_train:
-            break
-        (heldout if heldout_score(r["prompt"]) < heldout_fraction else train).append(r)
-    if not heldout and len(train) >= 2:
-        lowest = min(train, key=lambda r: heldout_score(r["prompt"]))
-        train.remove(lowest)
-        heldout.append(lowest)
-    return train, heldout
 
 
 def write_jsonl(path, records):
@@ -372,18 +286,6 @@ def write_jsonl(path, records):
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
-
-
-def read_prompt_folder(folder):
-    """(train, heldout) records of a folder written by this script."""
-    got = []
-    for name in ("train.jsonl", "heldout.jsonl"):
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            raise UserError(f"{folder} has no {name}: make the prompts with `python data/chat_prompts.py --out-dir "
-                            f"{folder}`, or pass a prompt file")
-        got.append(read_prompt_file(path, "jsonl"))
-    return got[0], got[1]
 
 
 def build_parser():

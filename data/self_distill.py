@@ -75,10 +75,10 @@ import torch
 
 DATA = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(DATA))  # the repository root
-sys.path.insert(1, DATA)  # chat_prompts.py
 
 from common import (ArgumentParser, UserError, build_base, load_checkpoint, pick_device, read_data_meta,  # noqa: E402
                     run_cli, save_checkpoint, set_threads, state_sha256)
+from prompts import read_prompt_file, read_prompt_folder, split_prompts  # noqa: E402
 from sampling import Sampling  # noqa: E402
 from tokenizer import load_tokens, token_dtype  # noqa: E402
 
@@ -268,14 +268,12 @@ def sha256_file(*paths) -> str:
 def load_prompts(path, max_prompts: int = 0):
     """(train records, held-out records, sha256 of the file(s)) from a chat_prompts.py folder or a
     prompt file (split by chat_prompts' hash rule)."""
-    import chat_prompts
-
     if os.path.isdir(path):
-        train, heldout = chat_prompts.read_prompt_folder(path)
+        train, heldout = read_prompt_folder(path)
         digest = sha256_file(os.path.join(path, "train.jsonl"), os.path.join(path, "heldout.jsonl"))
     else:
-        records = chat_prompts.read_prompt_file(path)
-        train, heldout = chat_prompts.split_prompts(records)
+        records = read_prompt_file(path)
+        train, heldout = split_prompts(records)
         digest = sha256_file(path)
     if max_prompts:
         train = train[:max_prompts]
