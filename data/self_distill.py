@@ -113,6 +113,8 @@ def build_parser():
     p.add_argument("--max-prompts", type=int, default=0, help="prompts mode: answer only the first N training "
                    "prompts (0 = all; the held-out prompts are all answered)")
     p.add_argument("--rows-per-file", type=int, default=2048, help="prompts mode: packed rows per rows_*.pt file")
+    p.add_argument("--pack-into", default=None, metavar="DIR", help="prompts mode: generate nothing; pack the shards "
+                   "--out-dir holds so far into DIR (train a head on them while generation goes on)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default, which follows "
                    "OMP_NUM_THREADS)")
     return p
@@ -418,6 +420,13 @@ def run_prompts(args):
     if not os.path.exists(meta_path):
         write_json(meta_path, meta)
 
+    if args.pack_into:  # what exists so far, elsewhere: head training can start while generation goes on
+        present = [s for s in range(len(shards)) if os.path.exists(os.path.join(args.out_dir, f"gen_{s:05d}.jsonl"))]
+        if os.path.abspath(args.pack_into) == os.path.abspath(args.out_dir):
+            raise UserError("--pack-into must be another folder than --out-dir (where generation goes on)")
+        return pack_shards(args.out_dir, args.pack_into, present, dict(meta, partial=f"{len(present)}/{len(shards)} shards"),
+                           row_len, args.rows_per_file, tok, end_id, skipped)
+
     # generate: one shard per batch, each sampled from its own seed
     t0, made_tokens, made_prompts = time.time(), 0, 0
     todo = [s for s in range(len(shards)) if not os.path.exists(os.path.join(args.out_dir, f"gen_{s:05d}.jsonl"))]
@@ -442,25 +451,35 @@ def run_prompts(args):
               f"{made_tokens / made_prompts:.0f} tokens/answer | ETA {fmt_time(elapsed / made_prompts * left_prompts)}",
               flush=True)
 
-    # pack
+    return pack_shards(args.out_dir, args.out_dir, range(len(shards)), meta, row_len, args.rows_per_file, tok, end_id,
+                       skipped, expected=len(items))
+
+
+def pack_shards(src_dir, out_dir, shard_ids, meta, row_len, rows_per_file, tok, end_id, skipped, expected=None):
+    """Pack the conversations of shards `shard_ids` of src_dir into rows in out_dir (see PACKED
+    FORMAT), write its meta.json, print a summary."""
     records = []
-    for s in range(len(shards)):
-        with open(os.path.join(args.out_dir, f"gen_{s:05d}.jsonl"), encoding="utf-8") as f:
+    for s in shard_ids:
+        with open(os.path.join(src_dir, f"gen_{s:05d}.jsonl"), encoding="utf-8") as f:
             records += [json.loads(line) for line in f]
-    if len(records) != len(items):
-        raise RuntimeError(f"{len(records)} answers in the shards for {len(items)} prompts")
-    for name in os.listdir(args.out_dir):  # a previous packing (another --row-len, or interrupted)
+    if expected is not None and len(records) != expected:
+        raise RuntimeError(f"{len(records)} answers in the shards for {expected} prompts")
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(out_dir):  # a previous packing (another --row-len, or interrupted)
         if name.startswith(("rows_", "val_rows_")) and name.endswith(".pt"):
-            os.remove(os.path.join(args.out_dir, name))
+            os.remove(os.path.join(out_dir, name))
     split_recs = {sp: sorted((r for r in records if r["split"] == sp), key=lambda r: r["index"])
                   for sp in ("train", "heldout")}
+    if not split_recs["train"] or not split_recs["heldout"]:
+        raise UserError(f"the shards packed so far hold no {'training' if not split_recs['train'] else 'held-out'} "
+                        "answers yet; wait for more shards")
     tokens, response, fill = pack([conversation(r, end_id) for r in split_recs["train"]], row_len, tok.eot_id)
-    for i in range(0, tokens.size(0), args.rows_per_file):
-        save_checkpoint({"tokens": tokens[i:i + args.rows_per_file].clone(),
-                         "response": response[i:i + args.rows_per_file].clone()},
-                        os.path.join(args.out_dir, f"rows_{i // args.rows_per_file:05d}.pt"))
+    for i in range(0, tokens.size(0), rows_per_file):
+        save_checkpoint({"tokens": tokens[i:i + rows_per_file].clone(),
+                         "response": response[i:i + rows_per_file].clone()},
+                        os.path.join(out_dir, f"rows_{i // rows_per_file:05d}.pt"))
     val_tokens, val_response, _ = pack([conversation(r, end_id) for r in split_recs["heldout"]], row_len, tok.eot_id)
-    save_checkpoint({"tokens": val_tokens, "response": val_response}, os.path.join(args.out_dir, "val_rows_00000.pt"))
+    save_checkpoint({"tokens": val_tokens, "response": val_response}, os.path.join(out_dir, "val_rows_00000.pt"))
 
     n_resp = sum(len(r["response_ids"]) for r in records)
     n_stop = sum(r["stopped"] for r in records)
@@ -470,15 +489,15 @@ def run_prompts(args):
                "response_tokens": n_resp, "mean_response_len": round(n_resp / len(records), 2),
                "stopped_at_end_id": n_stop, "hit_max_new_tokens": len(records) - n_stop,
                "train_response_tokens": int(response.sum()), "fill_tokens": fill}
-    meta.update(row_len=row_len, n_rows=tokens.size(0), n_val_rows=val_tokens.size(0), val="rows",
-                rows_per_file=args.rows_per_file, summary=summary)
-    write_json(meta_path, meta)
+    meta = dict(meta, row_len=row_len, n_rows=tokens.size(0), n_val_rows=val_tokens.size(0), val="rows",
+                rows_per_file=rows_per_file, summary=summary)
+    write_json(os.path.join(out_dir, "meta.json"), meta)
     print(f"done: {summary['conversations']} conversations ({summary['train_conversations']} train, "
           f"{summary['heldout_conversations']} held-out), {summary['tokens']:,} tokens, {n_resp:,} response tokens, "
           f"mean response {summary['mean_response_len']:.1f} tokens; {n_stop} stopped at an end id, "
           f"{summary['hit_max_new_tokens']} hit --max-new-tokens"
           + (f"; {skipped} prompts too long, skipped" if skipped else ""))
-    print(f"packed: {tokens.size(0)} rows + {val_tokens.size(0)} val rows of {row_len} tokens in {args.out_dir}")
+    print(f"packed: {tokens.size(0)} rows + {val_tokens.size(0)} val rows of {row_len} tokens in {out_dir}")
     return 0
 
 

@@ -301,6 +301,16 @@ def test_prompts_mode_end_to_end(tiny_chat, tmp_path, capsys):
     distill([*argv[:-6], "--row-len", 32, "--device", "cpu", "--seed", 5])
     assert json.loads((out / "meta.json").read_text())["row_len"] == 32 and shard_bytes(out) == before
 
+    # --pack-into: the shards that exist so far, packed elsewhere (generation goes on in --out-dir)
+    os.remove(out / "gen_00003.jsonl")
+    distill([*argv, "--pack-into", tmp_path / "partial"])
+    part = json.loads((tmp_path / "partial" / "meta.json").read_text())
+    assert part["partial"] == "3/4 shards" and part["summary"]["conversations"] == 10 - len(
+        [line for line in before["gen_00003.jsonl"].decode().splitlines()])
+    assert not (out / "gen_00003.jsonl").exists()  # nothing generated
+    distill(argv)  # the main folder completes as before
+    assert shard_bytes(out) == before
+
     # refused: other sampling settings, another seed, other prompts, in the same folder
     for change, what in ((["--temperature", "1.0"], "temperature"), (["--seed", "6"], "seed"),
                          (["--max-new-tokens", "9"], "max_new_tokens")):
