@@ -259,6 +259,7 @@ class Ranks:
     def __init__(self):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        self.device = torch.device("cpu")
 
     def start(self, device: torch.device) -> torch.device:
         """Join the process group (gloo on CPUs, nccl on GPUs, one GPU per process)."""
@@ -267,6 +268,7 @@ class Ranks:
                 device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
                 torch.cuda.set_device(device)
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.device = device
         return device
 
     def rows(self, batch):
@@ -277,12 +279,16 @@ class Ranks:
             return tuple(self.rows(b) for b in batch)
         return batch[self.rank :: self.world]
 
-    def mean(self, value: float) -> float:
+    def sum(self, value: float) -> float:
+        """The sum over ranks (a tensor on this rank's device: nccl reduces GPU tensors only)."""
         if self.world == 1:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return t.item() / self.world
+        return t.item()
+
+    def mean(self, value: float) -> float:
+        return self.sum(value) / self.world
 
 
 RANKS = Ranks()
@@ -516,34 +522,44 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
     print(f"head: {n_head / 1e6:.2f}M trainable parameters = {100 * n_head / (n_head + n_base):.1f}% of base+head "
           f"({n_base / 1e6:.2f}M frozen); draft lengths {draft_lens}, anchors {cfg.anchors}, loss {cfg.loss}")
 
-    def block_loss(windows, K, placement, generator, anchors=None):
-        """The head's loss on one batch of windows, over anchors chosen by `placement` (unless
-        given); with a response mask (chat data), only blocks whose targets are all the base's
-        answer count."""
+    def plan_blocks(windows, K, placement, generator, anchors=None):
+        """(tokens, anchors, weight) for one global batch: anchors chosen once for all its rows
+        (unless given; with a response mask, only where some row's block targets are all the base's
+        answer) and weight (B, N), which (row, block) pairs count (None: all)."""
         idx, response = windows
-        weight = allowed = None
-        if response is not None:
-            usable = response_anchors(response, K)  # (B, T-K+1)
-            allowed = usable.any(0)
+        usable = None if response is None else response_anchors(response, K)  # (B, T-K+1)
         if anchors is None:
-            anchors = choose_anchors(seq_len, K, placement, generator,
-                                     cfg.anchors_per_seq if placement == "random" else 0, allowed)
-        if response is not None:
-            weight = usable[:, anchors].to(device)
+            anchors = choose_anchors(seq_len, K, placement, generator, cfg.anchors_per_seq if placement == "random"
+                                     else 0, None if usable is None else usable.any(0))
+        return idx, anchors, None if usable is None else usable[:, anchors].float()
+
+    def block_loss(idx, anchors, weight, K, global_blocks=None):
+        """The head's loss on these rows. Under data parallelism it is scaled to this rank's share of
+        the global batch's counted blocks (global_blocks), so that the ranks' averaged gradients are
+        those of the global mean; in one process the factor is exactly 1."""
+        local_blocks = anchors.numel() * idx.size(0) if weight is None else float(weight.sum())
         idx, anchors = idx.to(device), anchors.to(device)
+        weight = None if weight is None else weight.to(device)
         with autocast(device, amp):
             with torch.no_grad():  # the frozen base: no graph, no gradient for its keys and values
                 teacher, ks, vs = base_kv_and_logits(base, idx)
                 teacher_logp = F.log_softmax(teacher.float(), dim=-1)  # once per position, shared by its blocks
             hidden = trainable(base, idx, ks, vs, anchors, K, cfg.grad_checkpoint)  # the head, maybe DDP-wrapped
-            return chunked_head_loss(base, hidden, teacher_logp, idx, anchors, cfg.loss, weight, cfg.loss_chunk_logits)
+            loss, agree = chunked_head_loss(base, hidden, teacher_logp, idx, anchors, cfg.loss, weight,
+                                            cfg.loss_chunk_logits)
+        if global_blocks is not None:
+            loss = loss * (max(local_blocks, 1) * RANKS.world / max(global_blocks, 1))
+        return loss, agree
 
     def step_loss():
         K = draft_lens[torch.randint(len(draft_lens), (1,), generator=gen).item()]
         # without response masks the anchors are drawn before the windows (the order earlier runs used)
         anchors = None if data.masked else choose_anchors(seq_len, K, cfg.anchors, gen, cfg.anchors_per_seq)
-        windows = data.train_windows(cfg.batch_size, seq_len, gen)  # the global batch: every rank draws it...
-        return block_loss(RANKS.rows(windows), K, cfg.anchors, gen, anchors)[0]  # ...and trains on its rows
+        # every rank draws the same global batch and anchors, and trains on its own rows of it
+        idx, anchors, weight = plan_blocks(data.train_windows(cfg.batch_size, seq_len, gen), K, cfg.anchors, gen, anchors)
+        global_blocks = anchors.numel() * idx.size(0) if weight is None else float(weight.sum())
+        idx, weight = RANKS.rows((idx, weight))
+        return block_loss(idx, anchors, weight, K, global_blocks)[0]
 
     @torch.no_grad()
     def evaluate(step):
@@ -552,7 +568,7 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
             g = torch.Generator().manual_seed(12345)
             losses, agree = [], 0
             for _ in range(cfg.eval_batches):
-                loss, a = block_loss(data.val_windows(cfg.batch_size, seq_len, g), K, "aligned", g)
+                loss, a = block_loss(*plan_blocks(data.val_windows(cfg.batch_size, seq_len, g), K, "aligned", g), K)
                 losses.append(loss.item())
                 agree = agree + a.mean(0)  # (K-1,) agreement at each block index
             agree = agree / cfg.eval_batches  # (aligned anchors: the same blocks in every batch)
@@ -685,6 +701,7 @@ def check_train_config(cfg: TrainConfig):
         need(is_int(name) and getattr(cfg, name) >= 1, name, ">= 1")
     for name in ("seed", "seq_len", "warmup_steps", "anchors_per_seq", "loss_chunk_logits"):
         need(is_int(name) and getattr(cfg, name) >= 0, name, "an integer >= 0")
+    need(cfg.seed < 2**63, "seed", "below 2**63")
     need(is_num("lr") and cfg.lr > 0, "lr", "a finite number > 0")
     need(is_num("min_lr_ratio") and 0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio",
          "in [0, 1] (the final learning rate as a fraction of --lr)")
@@ -732,11 +749,12 @@ def resume_config(args, cfg: TrainConfig, resume_ckpt: dict) -> TrainConfig:
     every other explicitly given flag is reported as ignored (never dropped silently)."""
     path = ckpt_path(cfg)
     missing = [k for k in RESUME_FIELDS if k not in resume_ckpt]
-    if missing or (resume_ckpt["kind"] == "orthrus" and "base_ckpt" not in resume_ckpt):
+    head_kinds = ("orthrus", "orthrus-head")  # a head on one of our bases, or on a pretrained one
+    if missing or (resume_ckpt["kind"] in head_kinds and "base_ckpt" not in resume_ckpt):
         raise UserError(f"{path} has no optimizer/training state (an exported checkpoint?): --resume needs the "
                         "ckpt.pt that train.py wrote")
     saved = dataclass_from(TrainConfig, resume_ckpt["train_config"])
-    if (saved.stage == "head") != (resume_ckpt["kind"] == "orthrus"):
+    if (saved.stage == "head") != (resume_ckpt["kind"] in head_kinds):
         raise UserError(f"{path} is a {resume_ckpt['kind']} checkpoint but its run is --stage {saved.stage}: "
                         "the file was edited")
     step = resume_ckpt["step"]
@@ -780,10 +798,11 @@ def main(argv=None):
     if args.resume:
         resume_ckpt = load_checkpoint(ckpt_path(cfg))
         cfg = resume_config(args, cfg, resume_ckpt)
-        try:
-            model_cfg = GPTConfig(**resume_ckpt["model_config"])
-        except (UserError, TypeError) as e:  # TypeError: an unknown field
-            raise UserError(f"the checkpoint's model_config is invalid ({e})") from None
+        if cfg.stage == "base":  # a head run takes its model from the base it names
+            try:
+                model_cfg = GPTConfig(**resume_ckpt["model_config"])
+            except (UserError, TypeError) as e:  # TypeError: an unknown field
+                raise UserError(f"the checkpoint's model_config is invalid ({e})") from None
         print(f"resuming {ckpt_path(cfg)} at step {resume_ckpt['step']}/{cfg.max_steps} with its saved configuration")
         if resume_ckpt["step"] >= cfg.max_steps:
             print(f"nothing to do: the run is already complete (pass a larger --max-steps than {cfg.max_steps} "

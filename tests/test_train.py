@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import common
 import train as train_script
 from common import load_checkpoint, load_model, run_cli, save_checkpoint, state_sha256
-from helpers import CPU, ROOT, expect_user_error, load_script, prepare_data, train
+from helpers import CPU, ROOT, expect_user_error, load_script, prepare_data, train, write_corpus
 from model import GPT, GPTConfig
 from tokenizer import ByteTokenizer, load_tokens
 
@@ -185,6 +185,7 @@ BASE_ERRORS = [
     (["--lr", "0"], "--lr must be a finite number > 0"),
     (["--beta2", "1"], "--beta2 must be in [0, 1)"),
     (["--warmup-steps", "-1"], "--warmup-steps must be an integer >= 0"),
+    (["--seed", str(10**23)], "--seed must be below 2**63"),
     (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
     (["--device", "meta"], "available here: auto, cpu"),
     (["--device", "nonsense"], "unknown --device 'nonsense'"),
@@ -477,3 +478,22 @@ def test_dry_run_estimates_without_loading_or_training(tiny, tmp_path, capsys, m
     assert not (tmp_path / "h").exists()
     assert "--dry-run estimates a head-stage run" in expect_user_error(
         train_script.main, ["--preset", "tiny", "--data-dir", tiny["data"], "--dry-run", *CPU], capsys)
+
+
+def test_resume_a_head_on_a_pretrained_base(tmp_path):
+    """A head for a Hugging Face folder (kind orthrus-head, no base weights inside) resumes
+    exactly: 2 + 2 steps equal 4 straight steps."""
+    from test_pretrained import write_hf_folder
+
+    folder = tmp_path / "qwen3"
+    write_hf_folder(str(folder))
+    data = prepare_data(write_corpus(tmp_path / "text", n_files=2, chars_per_file=3000), tmp_path / "data",
+                        "--tokenizer-from", folder)
+    flags = ["--stage", "head", "--preset", "tiny", "--base-ckpt", folder, "--data-dir", data, "--seq-len", 64, *CPU]
+    train(flags + ["--out-dir", tmp_path / "straight", "--max-steps", 4])
+    train(flags + ["--out-dir", tmp_path / "resumed", "--max-steps", 2])
+    train(["--resume", "--out-dir", tmp_path / "resumed", "--max-steps", 4, "--device", "cpu"])
+    straight, resumed = load(tmp_path / "straight" / "ckpt.pt"), load(tmp_path / "resumed" / "ckpt.pt")
+    assert resumed["kind"] == "orthrus-head" and resumed["step"] == 4
+    for key in ("head", "optimizer", "data_rng", "base_sha256"):
+        assert_identical(straight[key], resumed[key], key)
