@@ -84,9 +84,12 @@ class DiffusionDrafter:
         return Proposal(sampling.draw(p_draft), p_draft, 1)
 
     def _denoise_in_several_steps(self, cache, block, sampling: Sampling) -> Proposal:
-        """The paper's multi-step ablation: each pass fixes the still-masked positions the head is
-        most confident about, ceil(remaining / steps_left) of them; the next pass sees them as
-        ordinary tokens. A token's p_draft row is the distribution it was drawn from, in its pass."""
+        """The paper's multi-step ablation: each pass fixes ceil(remaining / steps_left) still-masked
+        positions, which the next pass sees as ordinary tokens. Greedy: the ones the head is most
+        confident about. Sampling: the leftmost ones, because speculative sampling is exact only if
+        each draft's distribution depends on earlier drafts alone (a draft fixed after a later one
+        would depend on it, and its p_draft row would no longer be its law given the accepted
+        prefix). A token's p_draft row is the distribution it was drawn from, in its pass."""
         n = block.size(1) - 1
         drafts = torch.zeros(n, dtype=torch.long, device=block.device)
         p_draft = None
@@ -100,9 +103,10 @@ class DiffusionDrafter:
             steps_left = self.denoise_steps - passes + 1
             if steps_left == 1:
                 chosen = still_masked.clone()
-            else:  # confidence-ordered unmasking
-                confidence = (torch.softmax(logits, -1) if probs is None else probs).max(-1).values
-                confidence = confidence.masked_fill(~still_masked, -1.0)
+            else:  # greedy: most confident first; sampling: left to right (see above)
+                confidence = torch.softmax(logits, -1).max(-1).values if probs is None else \
+                    -torch.arange(n, dtype=logits.dtype, device=logits.device)
+                confidence = confidence.masked_fill(~still_masked, -float("inf"))
                 chosen = torch.zeros_like(still_masked)
                 chosen[confidence.topk(math.ceil(int(still_masked.sum()) / steps_left)).indices] = True
                 chosen &= still_masked
