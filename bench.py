@@ -142,14 +142,14 @@ def machine(device) -> str:
 
 def suite_ar(args, device):
     if args.ckpt:
-        base, _ = load_model(load_checkpoint(args.ckpt), device)
+        base = open_model(args.ckpt, device)[0]
     else:
         torch.manual_seed(0)
         base = GPT(GPTConfig(n_layer=6, n_embd=256, n_head=8, n_kv_head=4, head_dim=32, mlp_hidden=768,
                              context_len=512)).to(device).eval()
     cfg = base.config
     prompt = list(range(1, 9))
-    n_new = cfg.context_len - len(prompt)
+    n_new = min(cfg.context_len, 1024) - len(prompt)  # to the context (a real model's 8K-40K: to 1,024)
     speeds = {"cache": [], "recompute": []}
     for _ in range(args.repeats):  # interleaved
         for name, use_cache in (("cache", True), ("recompute", False)):
@@ -283,7 +283,7 @@ class PassCosts:
         enough that the block stays inside the model's context)."""
         length = min(self.length, model.config.context_len - block_len)
         context = torch.tensor([(self.prompt * (1 + length // len(self.prompt)))[:length]], device=self.device)
-        cache = model.new_cache()
+        cache = model.new_cache(capacity=length + block_len)
         with torch.no_grad():
             model(context, cache)
         return cache
@@ -331,9 +331,9 @@ def method_record(m: Method, run, ar_run, costs: PassCosts, tokenizer, sampling:
         "label": m.label, "kind": m.kind, "param": m.param,
         "tokens_per_cycle": tpc, "cycles": cycles, "forward_passes": sum(s.forward_passes for s in stats),
         "tokens_per_forward": cycle_tokens / max(1, sum(s.forward_passes for s in stats)),
-        "accepted_mean": statistics.mean(accepted) if drafter else None,
-        "accepted_none": sum(a == 0 for a in accepted) / len(accepted) if drafter else None,
-        "accepted_all": sum(a == d > 0 for a, d in zip(accepted, drafted)) / len(accepted) if drafter else None,
+        "accepted_mean": statistics.mean(accepted) if drafter and accepted else None,
+        "accepted_none": sum(a == 0 for a in accepted) / len(accepted) if drafter and accepted else None,
+        "accepted_all": sum(a == d > 0 for a, d in zip(accepted, drafted)) / len(accepted) if drafter and accepted else None,
         "tokens_per_s": new / run["seconds"],
         "chars_per_s": sum(len(tokenizer.decode(o)) for o in outs) / run["seconds"],
         "speedup": ar_run["seconds"] / run["seconds"],
@@ -630,12 +630,28 @@ def suite_ablations(args, device):
     return results
 
 
+def check_lists(args):
+    """The comma-list flags, parsed once up front so a typo is reported before minutes of loading."""
+    names_list(args.methods, "--methods", ("ar", "orthrus", "draft-model", "prompt-lookup"))
+    names_list(args.modes, "--modes", ("greedy", "sampling"))
+    names_list(args.ablations, "--ablations", ("denoise", "heads", "prompt-length", "memory", "tokenizer"))
+    for flag, text, minimum in (("--draft-lens", args.draft_lens, 2), ("--gammas", args.gammas, 1),
+                                ("--lookup-gammas", args.lookup_gammas, 1), ("--prompt-lens", args.prompt_lens, 1)):
+        int_list(text, flag, minimum)
+    labelled_paths(args.heads, "--heads")
+    labelled_paths(args.tokenizer_ckpts, "--tokenizer-ckpts")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     for name in ("num_prompts", "prompt_len", "max_new_tokens", "repeats", "ablation_k", "threads"):
         minimum = {"ablation_k": 2, "threads": 0}.get(name, 1)
         if getattr(args, name) < minimum:
             raise UserError(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(args, name)}")
+    check_lists(args)  # every flag before anything is loaded
+    if args.json and not os.access(os.path.dirname(os.path.abspath(args.json)), os.W_OK):
+        raise UserError(f"--json {args.json}: cannot write into {os.path.dirname(os.path.abspath(args.json))}; "
+                        "pass a path in a folder you can write to")
     device = pick_device(args.device)
     set_threads(args.threads)
     suite = {"ar": suite_ar, "compare": suite_compare, "ablations": suite_ablations}[args.suite]

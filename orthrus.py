@@ -20,7 +20,8 @@ The loop takes any *drafter*; the diffusion view is one (`DiffusionDrafter`), an
 holds the baselines (a separate draft model, prompt lookup). A drafter has one small interface:
 
     max_drafts                  the most tokens it proposes per cycle (Orthrus: K-1)
-    start(prompt)               forget any state from an earlier sequence
+    start(prompt, capacity)     forget any state from an earlier sequence; at most `capacity`
+                                positions will be committed (size a cache of its own to that)
     propose(cache, sequence, n, sampling) -> Proposal(tokens, p_draft, passes)
                                 n drafts after `sequence` (committed tokens, the last one pending;
                                 the cache holds all but that one), the exact distribution each
@@ -117,7 +118,7 @@ class DiffusionDrafter:
             still_masked &= ~chosen
         return Proposal(drafts, p_draft, passes)
 
-    def start(self, prompt: list) -> None:
+    def start(self, prompt: list, capacity: int) -> None:
         pass  # nothing to reset: the draft pass writes nothing
 
     def rollback(self, n_valid: int) -> None:
@@ -177,7 +178,7 @@ def generate_speculative(base: GPT, drafter, prompt: list, max_new_tokens: int, 
     next token (sample.py --trace). Returns (new token ids, DecodeStats)."""
     committed, stats = start_decode(base, prompt, max_new_tokens, eos_ids, on_tokens, drafter.name)
     cache, pending, stats.prefill_seconds = prefill(base, prompt, committed.limit, sampling)  # AR view only
-    drafter.start(prompt)
+    drafter.start(prompt, len(prompt) + committed.limit)
     t0 = time.perf_counter()
     done = committed.add([pending])
 

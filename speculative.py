@@ -40,8 +40,8 @@ class DraftModelDrafter:
         self.model, self.max_drafts = draft_model.eval(), gamma
         self.cache = None
 
-    def start(self, prompt: list) -> None:
-        self.cache = self.model.new_cache()
+    def start(self, prompt: list, capacity: int) -> None:
+        self.cache = self.model.new_cache(capacity=capacity)  # sized to the job, like the base's
 
     @torch.no_grad()
     def propose(self, cache, sequence: list, n: int, sampling: Sampling) -> Proposal:
@@ -94,7 +94,7 @@ class PromptLookupDrafter:
             raise UserError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram} and {max_ngram}")
         self.max_drafts, self.max_ngram, self.min_ngram = gamma, max_ngram, min_ngram
 
-    def start(self, prompt: list) -> None:
+    def start(self, prompt: list, capacity: int) -> None:
         pass
 
     def lookup(self, tokens: list, n: int) -> list:

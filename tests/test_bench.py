@@ -80,3 +80,21 @@ def test_bench_bad_input(tiny, tmp_path, capsys):
     other["tokenizer"] = {**other["tokenizer"], "kind": "sentencepiece", "vocab_size": 512}
     torch.save(other, tmp_path / "other.pt")
     assert "uses another tokenizer" in error("--ckpt", tiny["head"], "--draft-ckpt", tmp_path / "other.pt")
+
+
+def test_bench_checks_flags_before_loading(tiny, tmp_path, capsys, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("loaded a model before checking every flag")
+
+    monkeypatch.setattr(bench, "open_model", never)
+    for flags, message in ((["--methods", "orthrus,medusa"], "unknown --methods"), (["--modes", "fast"], "unknown --modes"),
+                           (["--gammas", "0"], "--gammas values must be >= 1"), (["--heads", "nolabel"], "label=path"),
+                           (["--json", str(tmp_path / "missing" / "r.json")], "cannot write into")):
+        assert message in expect_user_error(bench.main, ["--ckpt", tiny["head"], "--device", "cpu", *flags], capsys)
+
+
+def test_bench_one_new_token(tiny, capsys):
+    """With one new token there are no cycles: the tables still print (n/a where nothing drafted)."""
+    results = bench.main(["--suite", "compare", "--ckpt", tiny["head"], *SMALL[:4], "--max-new-tokens", "1",
+                          "--num-prompts", "1", "--repeats", "1", "--modes", "greedy", "--draft-lens", "4"])
+    assert results["greedy"]["Orthrus K=4"]["accepted_mean"] is None
