@@ -12,3 +12,9 @@ working; run_cli catches UserError only.
 
 class UserError(ValueError):
     """A mistake in the user's input, stated in one line: what was wrong and how to fix it."""
+
+
+def first_line(error: BaseException, limit: int = 120) -> str:
+    """An exception's message cut to its first line (an empty message gives its type's name)."""
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:limit]

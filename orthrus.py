@@ -29,8 +29,10 @@ holds the baselines (a separate draft model, prompt lookup). A drafter has one s
                                 passes it spent
     rollback(n_valid)           only sequence[:n_valid] is committed now; drop what it holds past it
 
-The only persistent state Orthrus adds is none: the diffusion view holds one block's K/V while
-its pass runs (`DiffusionDrafter.transient_bytes`).
+Orthrus keeps no state of its own between cycles: the AR view's KV cache is the only persistent
+memory, and the diffusion view holds one block's K/V only while its pass runs
+(`DiffusionDrafter.transient_bytes`). Reading order below: the cycle (`generate_speculative`),
+its prefill, the diffusion view's draft pass (`DiffusionDrafter.propose`), then plain AR.
 """
 
 import math
@@ -52,6 +54,82 @@ class Proposal(NamedTuple):
     tokens: torch.Tensor  # (n,) long: drafts d_1..d_n for positions s+1..s+n
     p_draft: torch.Tensor | None  # (n, V): the distribution each draft was drawn from; None = deterministic
     passes: int  # forward passes the drafter spent on them
+
+
+NO_DRAFTS = Proposal(torch.zeros(0, dtype=torch.long), None, 0)  # a cycle with room for one token
+
+
+# ---------------------------------------------------------------------------------------------
+# Orthrus (and every other drafter): draft -> verify -> accept -> commit -> crop, over one cache
+
+
+@torch.no_grad()
+def generate_speculative(base: GPT, drafter, prompt: list, max_new_tokens: int, sampling: Sampling = GREEDY,
+                         eos_ids=(), on_tokens=None, on_cycle=None):
+    """Decode `base` with `drafter` proposing tokens and the base verifying them. Output equals
+    `generate(base, ...)` token for token when greedy (in float32/float64), and follows the same
+    distribution when sampling. on_cycle(dict) receives each cycle's drafts, accepted count and
+    next token (sample.py --trace). Returns (new token ids, DecodeStats)."""
+    committed, stats = start_decode(base, prompt, max_new_tokens, eos_ids, on_tokens, drafter.name)
+    cache, pending, stats.prefill_seconds = prefill(base, prompt, committed.limit, sampling)  # AR view only
+    drafter.start(prompt, len(prompt) + committed.limit)
+    t0 = time.perf_counter()
+    done = committed.add([pending])
+
+    while not done:
+        s = cache.length  # position of the pending token x_s; the cache holds [0, s)
+        n = min(drafter.max_drafts, committed.room - 1)  # a cycle commits at most n + 1 tokens
+
+        # 1. Draft n tokens for positions s+1..s+n (the diffusion view: one pass, cache only read).
+        drafts, p_draft, draft_passes = drafter.propose(cache, committed.sequence, n, sampling) if n else NO_DRAFTS
+        drafts = drafts.to(cache.k.device)
+        n = drafts.numel()  # prompt lookup may find fewer
+
+        # 2. Verify: one pass of the AR view over [x_s, d_1..d_n]; writes cache[s, s+n+1).
+        block = torch.cat([drafts.new_tensor([pending]), drafts]).view(1, n + 1)
+        target_logits = base(block, cache, logits="all")[0]  # (n+1, V): row i -> position s+i+1
+
+        # 3. Consensus: the longest agreed prefix + one token from the AR view.
+        if sampling.is_greedy:
+            n_accepted, next_token = greedy_verify(drafts, greedy(target_logits))
+        else:
+            p_target = sampling.probs(target_logits)
+            if p_draft is None:  # a deterministic proposal is a point mass: d is kept w.p. p_target(d)
+                p_draft = F.one_hot(drafts, p_target.size(1)).to(p_target.dtype)
+            n_accepted, next_token = speculative_verify(drafts, p_draft, p_target, sampling.generator)
+
+        # 4. Commit and crop: x_s and the accepted drafts stay in the cache; next_token is pending.
+        cache.crop(s + 1 + n_accepted)
+        drafter.rollback(s + 1 + n_accepted)
+        done = committed.add(drafts[:n_accepted].tolist() + [next_token])
+        pending = next_token
+
+        stats.record_cycle(drafted=n, accepted=n_accepted, passes=draft_passes + 1)
+        if on_cycle is not None:
+            on_cycle({"pending": int(block[0, 0]), "drafts": drafts.tolist(), "accepted": n_accepted, "next": next_token})
+    sync_device(cache.k.device)
+    stats.decode_seconds = time.perf_counter() - t0
+    return committed.tokens, stats
+
+
+def generate_orthrus(base: GPT, head: DiffusionHead, prompt: list, max_new_tokens: int, draft_len: int = 16,
+                     denoise_steps: int = 1, **kwargs):
+    """Orthrus decoding: `generate_speculative` with the diffusion view as the drafter."""
+    return generate_speculative(base, DiffusionDrafter(base, head, draft_len, denoise_steps), prompt,
+                                max_new_tokens, **kwargs)
+
+
+def prefill(base: GPT, prompt: list, limit: int, sampling: Sampling, use_cache: bool = True):
+    """The AR view over the prompt: a new cache holding [0, s), sized for the prompt plus the at
+    most `limit` new tokens (the last committed token is never written, and a block never runs past
+    it), and the first new token, committed but pending. Returns (cache or None, pending token, seconds)."""
+    device = base.lm_head.weight.device
+    t0 = time.perf_counter()
+    cache = base.new_cache(capacity=len(prompt) + limit) if use_cache else None
+    logits = base(torch.tensor([prompt], device=device), cache, logits="last")[0, -1]
+    pending = int(sampling.choose(logits))
+    sync_device(device)
+    return cache, pending, time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,79 +241,3 @@ def generate(base: GPT, prompt: list, max_new_tokens: int, sampling: Sampling = 
     sync_device(seq.device)
     stats.decode_seconds = time.perf_counter() - t0
     return committed.tokens, stats
-
-
-# ---------------------------------------------------------------------------------------------
-# Orthrus (and every other drafter): draft -> verify -> accept -> commit -> crop, over one cache
-
-
-@torch.no_grad()
-def generate_speculative(base: GPT, drafter, prompt: list, max_new_tokens: int, sampling: Sampling = GREEDY,
-                         eos_ids=(), on_tokens=None, on_cycle=None):
-    """Decode `base` with `drafter` proposing tokens and the base verifying them. Output equals
-    `generate(base, ...)` token for token when greedy (in float32/float64), and follows the same
-    distribution when sampling. on_cycle(dict) receives each cycle's drafts, accepted count and
-    next token (sample.py --trace). Returns (new token ids, DecodeStats)."""
-    committed, stats = start_decode(base, prompt, max_new_tokens, eos_ids, on_tokens, drafter.name)
-    cache, pending, stats.prefill_seconds = prefill(base, prompt, committed.limit, sampling)  # AR view only
-    drafter.start(prompt, len(prompt) + committed.limit)
-    t0 = time.perf_counter()
-    done = committed.add([pending])
-
-    while not done:
-        s = cache.length  # position of the pending token x_s; the cache holds [0, s)
-        n = min(drafter.max_drafts, committed.room - 1)  # a cycle commits at most n + 1 tokens
-
-        # 1. Draft n tokens for positions s+1..s+n (the diffusion view: one pass, cache only read).
-        drafts, p_draft, draft_passes = drafter.propose(cache, committed.sequence, n, sampling) if n else NO_DRAFTS
-        drafts = drafts.to(cache.k.device)
-        n = drafts.numel()  # prompt lookup may find fewer
-
-        # 2. Verify: one pass of the AR view over [x_s, d_1..d_n]; writes cache[s, s+n+1).
-        block = torch.cat([drafts.new_tensor([pending]), drafts]).view(1, n + 1)
-        target_logits = base(block, cache, logits="all")[0]  # (n+1, V): row i -> position s+i+1
-
-        # 3. Consensus: the longest agreed prefix + one token from the AR view.
-        if sampling.is_greedy:
-            n_accepted, next_token = greedy_verify(drafts, greedy(target_logits))
-        else:
-            p_target = sampling.probs(target_logits)
-            if p_draft is None:  # a deterministic proposal is a point mass: d is kept w.p. p_target(d)
-                p_draft = F.one_hot(drafts, p_target.size(1)).to(p_target.dtype)
-            n_accepted, next_token = speculative_verify(drafts, p_draft, p_target, sampling.generator)
-
-        # 4. Commit and crop: x_s and the accepted drafts stay in the cache; next_token is pending.
-        cache.crop(s + 1 + n_accepted)
-        drafter.rollback(s + 1 + n_accepted)
-        done = committed.add(drafts[:n_accepted].tolist() + [next_token])
-        pending = next_token
-
-        stats.record_cycle(drafted=n, accepted=n_accepted, passes=draft_passes + 1)
-        if on_cycle is not None:
-            on_cycle({"pending": int(block[0, 0]), "drafts": drafts.tolist(), "accepted": n_accepted, "next": next_token})
-    sync_device(cache.k.device)
-    stats.decode_seconds = time.perf_counter() - t0
-    return committed.tokens, stats
-
-
-def generate_orthrus(base: GPT, head: DiffusionHead, prompt: list, max_new_tokens: int, draft_len: int = 16,
-                     denoise_steps: int = 1, **kwargs):
-    """Orthrus decoding: `generate_speculative` with the diffusion view as the drafter."""
-    return generate_speculative(base, DiffusionDrafter(base, head, draft_len, denoise_steps), prompt,
-                                max_new_tokens, **kwargs)
-
-
-NO_DRAFTS = Proposal(torch.zeros(0, dtype=torch.long), None, 0)
-
-
-def prefill(base: GPT, prompt: list, max_new_tokens: int, sampling: Sampling, use_cache: bool = True):
-    """The AR view over the prompt: a new cache holding [0, s), sized for the prompt plus the new
-    tokens (the last committed token is never written, and a block never runs past it), and the
-    first new token, committed but pending. Returns (cache or None, pending token, seconds)."""
-    device = base.lm_head.weight.device
-    t0 = time.perf_counter()
-    cache = base.new_cache(capacity=len(prompt) + max_new_tokens) if use_cache else None
-    logits = base(torch.tensor([prompt], device=device), cache, logits="last")[0, -1]
-    pending = int(sampling.choose(logits))
-    sync_device(device)
-    return cache, pending, time.perf_counter() - t0

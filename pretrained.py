@@ -81,7 +81,7 @@ from collections import Counter
 
 import torch
 
-from errors import UserError
+from errors import UserError, first_line
 from model import GPT, GPTConfig
 
 OFFICIAL_DIFF = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")  # head.attn[i].<name>
@@ -163,9 +163,7 @@ def load_pretrained(path, device="cpu", dtype=torch.float32, *, context_len=None
 
 def read_config(path) -> GPTConfig:
     """The GPTConfig of a model folder or .gguf file, without reading the weights (train.py --dry-run)."""
-    import gguf
-
-    from tokenizer import gguf_fields
+    from tokenizer import gguf_fields, open_gguf
 
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -173,19 +171,14 @@ def read_config(path) -> GPTConfig:
         if not os.path.isfile(cfg_path):
             raise UserError(f"{path} has no config.json: not a Hugging Face model folder (or pass a .gguf file)")
         return hf_config_to_gpt(_read_json(cfg_path), path)
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # a truncated or foreign file fails in numpy/struct code
-        raise UserError(f"cannot read GGUF file {path}: {type(e).__name__}: {str(e).splitlines()[0][:120]}") from None
+    reader = open_gguf(path)
     return gguf_config(gguf_fields(reader), {t.name: [int(x) for x in t.shape] for t in reader.tensors}, path)
 
 
 def load_model_tokenizer(path):
     """The tokenizer load_pretrained(path) returns (the model's vocabulary size and MASK id
     included), without reading the weights: for tokenizing data with a model's own tokenizer."""
-    import gguf
-
-    from tokenizer import BPETokenizer, gguf_fields
+    from tokenizer import BPETokenizer, gguf_fields, open_gguf
 
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -197,10 +190,7 @@ def load_model_tokenizer(path):
         return BPETokenizer.from_hf_folder(path, vocab_size=config.vocab_size, mask_id=cfg.get("mask_token_id"))
     if not (path.endswith(".gguf") and os.path.isfile(path)):
         raise UserError(f"{path} is neither a model folder (with config.json) nor a .gguf file")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # a truncated or foreign file fails in numpy/struct code
-        raise UserError(f"cannot read GGUF file {path}: {type(e).__name__}: {str(e).splitlines()[0][:120]}") from None
+    reader = open_gguf(path)
     fields = gguf_fields(reader)
     config = gguf_config(fields, {t.name: [int(x) for x in t.shape] for t in reader.tensors}, path)
     return BPETokenizer.from_gguf_fields(fields, path=path, vocab_size=config.vocab_size)
@@ -313,7 +303,7 @@ def _read_json(path, required=False):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not valid JSON ({str(e).splitlines()[0][:100]})") from None
+        raise UserError(f"{path} is not valid JSON ({first_line(e, 100)})") from None
 
 
 def hf_config_to_gpt(cfg: dict, where: str, context_len=None) -> GPTConfig:
@@ -401,7 +391,7 @@ def _iter_safetensors(files, weight_map, where):
         except UserError:
             raise
         except Exception as e:  # safetensors raises its own error types for damaged files
-            raise UserError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0][:120]}") from None
+            raise UserError(f"cannot read {path}: {type(e).__name__}: {first_line(e, 120)}") from None
     if weight_map is not None and set(weight_map) - seen:
         missing = sorted(set(weight_map) - seen)
         raise UserError(f"{where}: {len(missing)} tensor(s) listed in the index are not in their shard, e.g. {missing[0]}")
@@ -580,12 +570,9 @@ def gguf_config(fields: dict, tensor_shapes: dict, where: str, context_len=None)
 def _load_gguf(path, device, dtype, context_len, mask_id):
     import gguf
 
-    from tokenizer import BPETokenizer, gguf_fields
+    from tokenizer import BPETokenizer, gguf_fields, open_gguf
 
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # a truncated or foreign file fails in numpy/struct code
-        raise UserError(f"cannot read GGUF file {path}: {type(e).__name__}: {str(e).splitlines()[0][:120]}") from None
+    reader = open_gguf(path)
     fields = gguf_fields(reader)
     shapes = {t.name: [int(x) for x in t.shape] for t in reader.tensors}
     config = gguf_config(fields, shapes, path, context_len)

@@ -13,6 +13,7 @@ Decoding runs on one CPU thread by default (--threads): small models gain little
 thread, and two OpenMP threads slow down ~10x whenever another process keeps a core busy.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -181,17 +182,16 @@ def main(argv=None):
         if draft_len > head.max_trained_draft_len:
             print(f"warning: --draft-len {draft_len} is longer than the head was trained for "
                   f"(max {head.max_trained_draft_len}); drafts at the far end will mostly be rejected", file=sys.stderr)
-    common = dict(max_new_tokens=args.max_new_tokens, eos_ids=stop_ids)
+    decode_args = dict(max_new_tokens=args.max_new_tokens, eos_ids=stop_ids)
 
     def run(method, stream_enabled, **overrides):
         stream_enabled = stream_enabled and not (args.trace and method == "orthrus")  # trace lines instead
-        sampling = Sampling(settings.temperature, settings.top_k, settings.top_p,
-                            torch.Generator(device=device).manual_seed(args.seed))
+        sampling = dataclasses.replace(settings, generator=torch.Generator(device=device).manual_seed(args.seed))
         stream = TextStream(tokenizer, stream_enabled)
         shown_prompt = prompt_text + ("\n" if args.chat else "")  # a chat answer starts on its own line
         if stream_enabled:
             sys.stdout.write(shown_prompt)
-        kwargs = {**common, "sampling": sampling, "on_tokens": stream, **overrides}
+        kwargs = {**decode_args, "sampling": sampling, "on_tokens": stream, **overrides}
         if method == "ar":
             tokens, stats = generate(base, prompt, **kwargs)
         else:
@@ -204,9 +204,9 @@ def main(argv=None):
         return tokens, stats
 
     def memory_line():
-        kv = DiffusionDrafter(base, head, draft_len).transient_bytes()
-        return (f"{sum(p.numel() for p in head.parameters()) / 1e6:.2f}M head parameters, 0 bytes persistent cache, "
-                f"{kv / 1024:.1f} KiB transient per draft block (K={draft_len})")
+        drafter = DiffusionDrafter(base, head, draft_len)
+        return (f"{drafter.extra_params() / 1e6:.2f}M head parameters, {drafter.persistent_bytes(len(prompt))} bytes "
+                f"persistent cache, {drafter.transient_bytes() / 1024:.1f} KiB transient per draft block (K={draft_len})")
 
     if mode in ("ar", "orthrus"):
         _, stats = run(mode, True)

@@ -33,7 +33,7 @@ import sys
 
 import torch
 
-from errors import UserError
+from errors import UserError, first_line
 
 EOT_STRING = "<|endoftext|>"
 MASK_STRING = "<|mask|>"
@@ -265,7 +265,7 @@ def train_sentencepiece(text_iter_or_file, model_prefix, vocab_size, max_lines=3
                 f"sentencepiece vocab size {vocab_size} is too small for this corpus: its "
                 f"characters alone need {m.group(2)} ids; use a larger vocab size"
             ) from None
-        raise ValueError(f"sentencepiece training failed: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"sentencepiece training failed: {first_line(e)}") from None
     path = f"{model_prefix}.model"
     with open(path, "wb") as f:
         f.write(writer.getvalue())
@@ -486,7 +486,7 @@ class BPETokenizer(Tokenizer):
             self._pre = [regex.compile(p) for p in self.splits[:-1]]
             self.enc = tiktoken.Encoding(name=f"{name}-bpe", pat_str=last, mergeable_ranks=ranks, special_tokens={})
         except (regex.error, ValueError) as e:
-            raise UserError(f"{where}: cannot use its pre-tokenizer regex ({str(e).splitlines()[0][:120]})") from None
+            raise UserError(f"{where}: cannot use its pre-tokenizer regex ({first_line(e, 120)})") from None
         # added tokens, longest first so that a token containing another one wins
         self._added_ids = {c: i for i, c in sorted(self._added.items(), reverse=True)}
         alternatives = sorted(self._added_ids, key=len, reverse=True)
@@ -710,7 +710,7 @@ class BPETokenizer(Tokenizer):
                 with open(data, encoding="utf-8") as f:
                     data = json.load(f)
             except (OSError, ValueError) as e:
-                raise UserError(f"cannot read tokenizer file {data}: {str(e).splitlines()[0][:120]}") from None
+                raise UserError(f"cannot read tokenizer file {data}: {first_line(e, 120)}") from None
         model = data.get("model") or {}
         if model.get("type", "BPE" if "merges" in model else None) != "BPE":
             raise UserError(f"{where}: tokenizer model is {model.get('type')!r}, not BPE; only byte-level BPE "
@@ -802,7 +802,7 @@ class BPETokenizer(Tokenizer):
                 with open(p, encoding="utf-8") as f:
                     return json.load(f)
             except ValueError as e:
-                raise UserError(f"{p} is not valid JSON ({str(e).splitlines()[0][:100]})") from None
+                raise UserError(f"{p} is not valid JSON ({first_line(e, 100)})") from None
 
         tc = read_json("tokenizer_config.json")
         template = tc.get("chat_template")
@@ -822,15 +822,19 @@ class BPETokenizer(Tokenizer):
         return cls.from_tokenizer_json(tj, chat_template=template, path=folder, **kwargs)
 
 
-def read_gguf_fields(path, prefixes=("tokenizer.", "general.")) -> dict:
-    """The metadata of a GGUF file whose key starts with one of `prefixes`, as plain Python values."""
+def open_gguf(path):
+    """A gguf.GGUFReader on `path`, or one line saying why the file cannot be read."""
     import gguf
 
     try:
-        reader = gguf.GGUFReader(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read GGUF file {path}: {str(e).splitlines()[0][:120]}") from None
-    return gguf_fields(reader, prefixes)
+        return gguf.GGUFReader(path)
+    except Exception as e:  # a truncated or foreign file fails in numpy/struct code
+        raise UserError(f"cannot read GGUF file {path}: {type(e).__name__}: {first_line(e, 120)}") from None
+
+
+def read_gguf_fields(path, prefixes=("tokenizer.", "general.")) -> dict:
+    """The metadata of a GGUF file whose key starts with one of `prefixes`, as plain Python values."""
+    return gguf_fields(open_gguf(path), prefixes)
 
 
 def gguf_fields(reader, prefixes=None) -> dict:
