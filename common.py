@@ -443,3 +443,9 @@ def read_data_meta(data_dir: str) -> dict:
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: not written by data/prepare.py; run it again")
     return meta
+
+
+def fmt_time(seconds: float) -> str:
+    """An ETA or a duration: 4m05s, 2h07m."""
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

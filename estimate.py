@@ -17,6 +17,9 @@ import time
 
 import torch
 
+from decoding import sync_device
+from model import kv_bytes
+
 MATMUL_EFFICIENCY = 0.4  # share of a GPU's peak that training matmuls of this size reach, for --tflops
 
 
@@ -26,12 +29,10 @@ def measured_tflops(device: torch.device, dtype: torch.dtype, d: int) -> float:
     b = torch.randn(d, 4 * d, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(4):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync_device(device)
         t0 = time.perf_counter()
         a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync_device(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * 4096 * d * 4 * d / best / 1e12
 
@@ -51,7 +52,7 @@ def head_run(c, *, rows_per_process: int, processes: int, grad_accum: int, seq_l
         "base weights (fp32)": 4 * base_params,
         "head weights, grads, AdamW m and v (fp32)": 16 * head_params,
         "teacher logits + log-probs": R * T * V * (compute_bytes + 4),
-        "base K/V kept for the head": R * T * L * 2 * kv * compute_bytes,
+        "base K/V kept for the head (its fp32 cache)": kv_bytes(c, R * T, torch.float32),
         "head activations kept for backward": M * (d * (2 if grad_checkpoint else 10) + (0 if grad_checkpoint else 3 * c.mlp_hidden)) * L * compute_bytes,
         "attention probabilities kept for backward": 0 if flash_attention or grad_checkpoint else R * c.n_head * N * K * keys * L * compute_bytes,
         "one chunk of draft logits (x3: logits, log-softmax, grad)": 3 * 4 * min(max_logits or M * V, M * V),

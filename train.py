@@ -38,8 +38,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from common import (ArgumentParser, UserError, add_dataclass_flags, autocast, build_base, clean_state_dict, dataclass_from,
-                    load_checkpoint, pick_autocast_dtype, pick_device, read_data_meta, run_cli, same_tokenizer,
-                    save_checkpoint, state_sha256, tokenizer_model_tensor)
+                    fmt_time, load_checkpoint, pick_autocast_dtype, pick_device, read_data_meta, run_cli,
+                    same_tokenizer, save_checkpoint, state_sha256, tokenizer_model_tensor)
+from decoding import sync_device
 from diffusion_head import DiffusionHead, choose_anchors, chunked_head_loss, expected_tokens_per_cycle, response_anchors
 from model import GPT, GPTConfig, config_field
 import estimate
@@ -245,11 +246,6 @@ def restore(ckpt, key: str, module, optimizer, generator) -> int:
     return ckpt["step"]
 
 
-def fmt_time(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 class Ranks:
     """This process's place in a torchrun job (rank 0 of 1 without torchrun). Every rank draws the
     same global batch with the same generator and trains on its own rows of it (rank, rank + N,
@@ -346,8 +342,7 @@ def train_loop(cfg, trainable, optimizer, step_loss, evaluate, save, start_step,
             optimizer.zero_grad(set_to_none=True)
             last = total
             loss_ema = total if loss_ema is None else 0.9 * loss_ema + 0.1 * total
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync_device(device)
             done = step + 1
             # speed over the steps since the last progress line (the first two steps, with
             # compilation and allocator warm-up, are left out); evals and saves are not counted

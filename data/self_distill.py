@@ -76,8 +76,8 @@ import torch
 DATA = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(DATA))  # the repository root
 
-from common import (ArgumentParser, UserError, build_base, load_checkpoint, pick_device, read_data_meta,  # noqa: E402
-                    run_cli, save_checkpoint, set_threads, state_sha256)
+from common import (ArgumentParser, UserError, build_base, fmt_time, load_checkpoint, open_model,  # noqa: E402
+                    pick_device, read_data_meta, run_cli, save_checkpoint, set_threads, state_sha256)
 from prompts import read_prompt_file, read_prompt_folder, split_prompts  # noqa: E402
 from sampling import Sampling  # noqa: E402
 from tokenizer import load_tokens, token_dtype  # noqa: E402
@@ -134,11 +134,6 @@ def continue_prompts(base, prompts: torch.Tensor, length: int, sampling: Samplin
         if i + 1 < length - P:  # the last token is never fed
             logits = base(token, cache, logits="last")[:, 0]
     return torch.cat(out, 1)
-
-
-def fmt_time(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def run_corpus(args):
@@ -288,21 +283,12 @@ def load_prompts(path, max_prompts: int = 0):
 
 
 def load_base_for_prompts(path, device):
-    """(base, tokenizer, description dict) from a .gguf / HF folder or one of our .pt checkpoints."""
-    from pretrained import is_pretrained_path, load_pretrained
-
+    """(base, tokenizer, description dict) from anything common.open_model reads."""
     if not os.path.exists(path):
         raise UserError(f"--base {path} not found: pass a .gguf file, a Hugging Face model folder or a .pt checkpoint")
-    if is_pretrained_path(path):
-        base, _, tok, info = load_pretrained(path, device=device)
-        return base, tok, {"base_format": info["format"], "base_sha256": state_sha256(base.state_dict()),
-                           "stop_ids": sorted(set(info.get("stop_ids") or []))}
-    from common import load_ckpt_tokenizer, load_model
-
-    ckpt = load_checkpoint(path)
-    base, _ = load_model(ckpt, device)
-    return base, load_ckpt_tokenizer(ckpt), {"base_format": ckpt["kind"], "base_sha256": state_sha256(base.state_dict()),
-                                             "stop_ids": []}
+    base, _, tok, info = open_model(path, device)
+    return base, tok, {"base_format": info["format"], "base_sha256": state_sha256(base.state_dict()),
+                       "stop_ids": sorted(set(info["stop_ids"]))}
 
 
 # what must match for a rerun to continue a folder (paths may move; contents may not)
