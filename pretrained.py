@@ -9,7 +9,9 @@ official Orthrus checkpoint format, read and written. The rest of the code only 
     ids, end_of_turn = chat_prompt(tok, "Write a haiku.")                  # ChatML prompt ids
     export_official(base, head, "out/orthrus-folder", tokenizer=tok, source=path)
 
-Loading, with peak memory about one copy of the weights: the GPT is built on the `meta` device
+Loading, with about one copy of the weights in memory (plus, for a file stored in another dtype,
+the pages of the memory-mapped file being read: a bf16 folder loaded in fp32 peaked at 1.6x the
+fp32 weights): the GPT is built on the `meta` device
 (no random init), given uninitialised storage in the target dtype/device, and every tensor is
 read from the file one at a time (safetensors `safe_open`; GGUF through a memory map, dequantized
 to float32 per tensor) and copied into place. Every parameter must be filled exactly once and

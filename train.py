@@ -444,6 +444,11 @@ def train_base(cfg: TrainConfig, model_cfg: GPTConfig, resume_ckpt=None):
 # Stage 2: the diffusion head of a frozen base
 
 
+def check_draft_fits(draft_lens: list, seq_len: int):
+    if draft_lens[-1] > seq_len // 2:
+        raise UserError(f"draft length {draft_lens[-1]} is too long for training sequences of {seq_len} tokens")
+
+
 def parse_draft_lens(text: str) -> list:
     try:
         lens = sorted({int(x) for x in str(text).split(",") if x.strip()})
@@ -466,12 +471,10 @@ def base_kv_and_logits(base: GPT, idx: torch.Tensor):
 
 
 def train_head(cfg: TrainConfig, resume_ckpt=None):
-    base_path = resume_ckpt["base_ckpt"] if resume_ckpt is not None else cfg.base_ckpt
-    if not base_path:
-        raise UserError("--stage head needs --base-ckpt PATH (a checkpoint from `python train.py --stage base`)")
+    base_path = resume_ckpt["base_ckpt"] if resume_ckpt is not None else cfg.base_ckpt  # main() checked it is given
     draft_lens = parse_draft_lens(cfg.draft_lens)
-    if cfg.seq_len and draft_lens[-1] > cfg.seq_len // 2:
-        raise UserError(f"draft length {draft_lens[-1]} is too long for training sequences of {cfg.seq_len} tokens")
+    if cfg.seq_len:  # now, before loading; the default length is checked once it is known
+        check_draft_fits(draft_lens, cfg.seq_len)
     if cfg.batch_size % RANKS.world:
         raise UserError(f"--batch-size {cfg.batch_size} (the global batch) must be a multiple of the "
                         f"{RANKS.world} processes; each trains on batch-size / processes rows")
@@ -502,8 +505,7 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
                               else base.config.context_len)
     if seq_len > base.config.context_len:
         raise UserError(f"--seq-len {seq_len} exceeds the base model's context length {base.config.context_len}")
-    if draft_lens[-1] > seq_len // 2:
-        raise UserError(f"draft length {draft_lens[-1]} is too long for training sequences of {seq_len} tokens")
+    check_draft_fits(draft_lens, seq_len)
     if data.meta.get("base_sha256") not in (None, base_hash):
         raise UserError(f"{cfg.data_dir} was written by another base model (data/self_distill.py records its sha256); "
                         "generate it with this --base-ckpt")
