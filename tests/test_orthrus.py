@@ -239,6 +239,21 @@ def exact_ar_distribution(base, prompt, n_new, temperature, top_k):
     return probs
 
 
+def four_token_pair():
+    """A 4-token vocabulary base with peaked, prompt-dependent distributions and a deliberately poor
+    (random) head, so rejections, residual resampling and bonus tokens all occur."""
+    torch.manual_seed(7)
+    base = GPT(GPTConfig(**{**CFG, "vocab_size": 4, "n_layer": 1, "n_embd": 16, "mlp_hidden": 16})).double().eval()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.mul_(6.0)
+    head = DiffusionHead(base, 3).double()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return base, head
+
+
 def test_sampled_orthrus_matches_ar_distribution():
     """Empirical frequencies of 3-token continuations sampled by Orthrus against the exact AR
     distribution (temperature 0.9, top-k 3, a 4-token vocabulary: 64 outcomes).
@@ -251,15 +266,7 @@ def test_sampled_orthrus_matches_ar_distribution():
     (e.g. accepting drafts without the ratio test, or a wrong residual) moves cells by several
     percent and fails. The draft head is deliberately poor (random), so rejections, residual
     resampling and bonus tokens all occur."""
-    torch.manual_seed(7)
-    base = GPT(GPTConfig(**{**CFG, "vocab_size": 4, "n_layer": 1, "n_embd": 16, "mlp_hidden": 16})).double().eval()
-    with torch.no_grad():
-        for p in base.parameters():
-            p.mul_(6.0)
-    head = DiffusionHead(base, 3).double()
-    with torch.no_grad():
-        for p in head.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    base, head = four_token_pair()
     prompt, n_new, temperature, top_k = [0, 1, 2], 3, 0.9, 3
     exact = exact_ar_distribution(base, prompt, n_new, temperature, top_k)
     assert abs(sum(exact.values()) - 1) < 1e-9
@@ -283,15 +290,7 @@ def test_sampled_multi_step_denoising_matches_ar_distribution():
     AR's: 4-token continuations, 3 drafts in 2 passes per cycle, against exact enumeration over 256
     outcomes; same threshold argument as test_sampled_orthrus_matches_ar_distribution (N = 3000:
     standard error <= 0.0092 per cell, bound 5 SE + 1e-3)."""
-    torch.manual_seed(7)
-    base = GPT(GPTConfig(**{**CFG, "vocab_size": 4, "n_layer": 1, "n_embd": 16, "mlp_hidden": 16})).double().eval()
-    with torch.no_grad():
-        for p in base.parameters():
-            p.mul_(6.0)
-    head = DiffusionHead(base, 3).double()
-    with torch.no_grad():
-        for p in head.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    base, head = four_token_pair()
     prompt, n_new, temperature, top_k = [0, 1, 2], 4, 0.9, 3
     exact = exact_ar_distribution(base, prompt, n_new, temperature, top_k)
     N, g, counts = 3000, torch.Generator().manual_seed(1), {}

