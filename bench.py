@@ -377,17 +377,19 @@ class Bench:
             raise UserError(f"{args.ckpt} has no diffusion head; train one with `python train.py --stage head`")
         self.draft_model = None
         if args.draft_ckpt:
-            # compare tokenizers before building the draft model's (ours: from the checkpoint's meta)
-            dmeta = None if is_pretrained_path(args.draft_ckpt) else load_checkpoint(args.draft_ckpt)["tokenizer"]
-            if dmeta is None:
+            # compare tokenizers before building the draft model (ours: from the checkpoint's meta)
+            if is_pretrained_path(args.draft_ckpt):
                 self.draft_model, _, dtok, _ = open_model(args.draft_ckpt, device, dtype)
                 dmeta = dtok.meta()
+            else:
+                dckpt = load_checkpoint(args.draft_ckpt)
+                dmeta = dckpt["tokenizer"]
             if not same_tokenizer(dmeta, self.tokenizer.meta()):
                 raise UserError(f"the draft model {args.draft_ckpt} uses another tokenizer ({dmeta['kind']}, vocab "
                                 f"{dmeta['vocab_size']}) than the base ({self.tokenizer.kind}, vocab "
                                 f"{self.tokenizer.vocab_size}): train it on the same --data-dir")
-            if self.draft_model is None:
-                self.draft_model = open_model(args.draft_ckpt, device, dtype)[0]
+            if self.draft_model is None:  # the checkpoint read above, not a second read of the file
+                self.draft_model = load_model(dckpt, device, dtype)[0]
             DraftModelDrafter(self.draft_model, 1, self.base.config)  # vocabulary and context checks
         self.stop_ids = []  # val windows: every method decodes exactly --max-new-tokens
         if prompt_texts is not None:
