@@ -411,7 +411,7 @@ def load_ckpt_tokenizer(ckpt: dict):
     model_bytes = None if blob is None else tensor_bytes(blob).tobytes()
     try:
         return load_tokenizer(ckpt["tokenizer"], base_dir=ckpt.get("data_dir"), model_bytes=model_bytes)
-    except (ValueError, OSError) as e:  # tokenizer.py's errors: a foreign sentencepiece model, no tiktoken file
+    except UserError as e:  # a foreign sentencepiece model, no tiktoken cache: say it was the checkpoint's
         raise UserError(f"the checkpoint's tokenizer cannot be rebuilt ({_summary(e, 160)})") from None
 
 

@@ -148,7 +148,7 @@ class SentencePieceTokenizer(Tokenizer):
 
         if model_bytes is None:
             if not os.path.isfile(model_file):
-                raise FileNotFoundError(
+                raise UserError(
                     f"sentencepiece model {model_file} not found: run "
                     f"`python data/prepare.py --tokenizer sentencepiece ...` to train it"
                 )
@@ -164,7 +164,7 @@ class SentencePieceTokenizer(Tokenizer):
             # piece_to_id answers unk (0) for a missing piece; a control symbol is never produced
             # by encode, which is the property we rely on.
             if i == self.sp.unk_id() or not self.sp.is_control(i):
-                raise ValueError(
+                raise UserError(
                     f"sentencepiece model {model_file} has no {name} control symbol; "
                     f"train it with tokenizer.train_sentencepiece (python data/prepare.py)"
                 )
@@ -229,13 +229,13 @@ def train_sentencepiece(text_iter_or_file, model_prefix, vocab_size, max_lines=3
     import sentencepiece as spm
 
     if vocab_size < SP_MIN_VOCAB:
-        raise ValueError(
+        raise UserError(
             f"sentencepiece vocab size {vocab_size} is too small: 256 byte pieces and 4 special "
             f"pieces take 260 ids, so use at least {SP_MIN_VOCAB} (a few thousand is typical)"
         )
     lines = _training_lines(text_iter_or_file, max_lines)
     if not lines:
-        raise ValueError("cannot train sentencepiece on an empty text")
+        raise UserError("cannot train sentencepiece on an empty text")
     writer = io.BytesIO()  # writing via model_writer keeps model_prefix out of the model bytes
     try:
         spm.SentencePieceTrainer.train(
@@ -261,11 +261,11 @@ def train_sentencepiece(text_iter_or_file, model_prefix, vocab_size, max_lines=3
     except RuntimeError as e:
         m = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(e))
         if m:
-            raise ValueError(
+            raise UserError(
                 f"sentencepiece vocab size {vocab_size} is too small for this corpus: its "
                 f"characters alone need {m.group(2)} ids; use a larger vocab size"
             ) from None
-        raise ValueError(f"sentencepiece training failed: {first_line(e)}") from None
+        raise UserError(f"sentencepiece training failed: {first_line(e)}") from None
     path = f"{model_prefix}.model"
     with open(path, "wb") as f:
         f.write(writer.getvalue())
@@ -293,7 +293,7 @@ class TiktokenTokenizer(Tokenizer):
         self.name = enc.name
         self.eot_id = enc._special_tokens.get(EOT_STRING)
         if self.eot_id is None:
-            raise ValueError(f"tiktoken encoding '{enc.name}' has no {EOT_STRING} token")
+            raise UserError(f"tiktoken encoding '{enc.name}' has no {EOT_STRING} token")
         self.mask_id = enc.n_vocab  # one past every existing id (ordinary or special)
         self.vocab_size = enc.n_vocab + 1
         self.enc = tiktoken.Encoding(
@@ -321,13 +321,13 @@ def get_tiktoken(name):
     import tiktoken
 
     if name not in tiktoken.list_encoding_names():
-        raise ValueError(
+        raise UserError(
             f"unknown tiktoken encoding '{name}' (known: {', '.join(tiktoken.list_encoding_names())})"
         )
     try:
         enc = tiktoken.get_encoding(name)
     except OSError as e:  # requests' ConnectionError and friends are OSErrors too
-        raise ConnectionError(
+        raise UserError(
             f"could not load tiktoken encoding '{name}': no network and no local tiktoken cache "
             f"(set TIKTOKEN_CACHE_DIR to a folder holding it, or use --tokenizer "
             f"byte/sentencepiece) [{type(e).__name__}]"
@@ -914,7 +914,7 @@ def load_tokenizer(meta, base_dir=None, model_bytes=None):
         tok = SentencePieceTokenizer(path, model_bytes)
         want = meta.get("model_sha256")
         if want and want != tok.meta()["model_sha256"]:
-            raise ValueError(
+            raise UserError(
                 f"sentencepiece model {path} is not the one this meta was made with (sha256 "
                 f"differs); point to the matching data folder or re-run data/prepare.py"
             )
@@ -923,10 +923,10 @@ def load_tokenizer(meta, base_dir=None, model_bytes=None):
     elif kind == "bpe":
         tok = _load_bpe(meta, base_dir)
     else:
-        raise ValueError(f"unknown tokenizer kind {kind!r} (expected byte, sentencepiece, tiktoken or bpe)")
+        raise UserError(f"unknown tokenizer kind {kind!r} (expected byte, sentencepiece, tiktoken or bpe)")
     for key in ("vocab_size", "eot_id", "mask_id"):
         if key in meta and meta[key] != getattr(tok, key):
-            raise ValueError(
+            raise UserError(
                 f"rebuilt {kind} tokenizer has {key} {getattr(tok, key)} but meta says {meta[key]}"
             )
     return tok
@@ -960,7 +960,7 @@ def token_dtype(vocab_size):
 
 def _dtype(dtype_name):
     if dtype_name not in _DTYPES:
-        raise ValueError(f"unknown token dtype {dtype_name!r} (expected uint16 or uint32)")
+        raise UserError(f"unknown token dtype {dtype_name!r} (expected uint16 or uint32)")
     return _DTYPES[dtype_name]
 
 
@@ -982,12 +982,12 @@ def load_tokens(path, dtype_name):
     """
     dtype, _, itemsize = _dtype(dtype_name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"token file {path} not found: run `python data/prepare.py` first")
+        raise UserError(f"token file {path} not found: run `python data/prepare.py` first")
     if sys.byteorder == "big":
         raise RuntimeError("token files are little-endian; big-endian hosts are not supported")
     nbytes = os.path.getsize(path)
     if nbytes % itemsize:
-        raise ValueError(f"token file {path} has {nbytes} bytes, not a multiple of {itemsize} "
+        raise UserError(f"token file {path} has {nbytes} bytes, not a multiple of {itemsize} "
                          f"({dtype_name}); is the dtype right?")
     n = nbytes // itemsize
     if n == 0:

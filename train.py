@@ -500,9 +500,7 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
         raise UserError(f"--data-dir {cfg.data_dir} was tokenized with {data.meta['tokenizer']['kind']} "
                         f"(vocab {data.meta['vocab_size']}) but the base uses {base_ckpt['tokenizer']['kind']} "
                         f"(vocab {base.config.vocab_size}); prepare the data with the base's tokenizer")
-    # pretrained contexts are long (8K-40K): train on the data's rows, or on 1,024-token windows
-    seq_len = cfg.seq_len or (data.meta.get("row_len") or min(1024, base.config.context_len) if pretrained
-                              else base.config.context_len)
+    seq_len = head_seq_len(cfg, base.config.context_len, pretrained, data.meta.get("row_len"))
     if seq_len > base.config.context_len:
         raise UserError(f"--seq-len {seq_len} exceeds the base model's context length {base.config.context_len}")
     check_draft_fits(draft_lens, seq_len)
@@ -614,7 +612,8 @@ def ckpt_path(cfg: TrainConfig) -> str:
 
 def build_parser():
     p = ArgumentParser(__doc__)
-    p.add_argument("--preset", default=None, help="named flag bundle per stage (see PRESETS): base cpu, gpu, draft (the speculative-decoding draft model), tiny; head cpu, gpu, tiny")
+    p.add_argument("--preset", default=None, choices=sorted({name for stage in PRESETS.values() for name in stage}),
+                   help="named flag bundle per stage (see PRESETS): base cpu, gpu, draft (the speculative-decoding draft model), tiny; head cpu, gpu, tiny")
     p.add_argument("--resume", action="store_true",
                    help="continue the run whose checkpoint is in --out-dir with its saved configuration; only "
                         "--device and --max-steps may change (other flags are reported as ignored). A larger "
@@ -632,6 +631,16 @@ def build_parser():
     return p
 
 
+def head_seq_len(cfg: TrainConfig, context_len: int, pretrained: bool, row_len=None) -> int:
+    """--seq-len, else the data's packed row length (within the context), else the context
+    (pretrained contexts are long, 8K-40K: 1,024-token windows then)."""
+    if cfg.seq_len:
+        return cfg.seq_len
+    if row_len:
+        return min(row_len, context_len)
+    return min(1024, context_len) if pretrained else context_len
+
+
 def dry_run(args, cfg: TrainConfig) -> dict:
     """The estimate of estimate.py for this head-stage configuration (only the base's config is read)."""
     if cfg.stage != "head" or not cfg.base_ckpt:
@@ -644,7 +653,9 @@ def dry_run(args, cfg: TrainConfig) -> dict:
     if processes < 1 or cfg.batch_size % processes:
         raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --processes {processes}")
     lens = parse_draft_lens(cfg.draft_lens)
-    seq_len = cfg.seq_len or (min(1024, config.context_len) if pretrained else config.context_len)
+    meta_path = os.path.join(cfg.data_dir, "meta.json") if cfg.data_dir else None
+    row_len = read_data_meta(cfg.data_dir).get("row_len") if meta_path and os.path.isfile(meta_path) else None
+    seq_len = head_seq_len(cfg, config.context_len, pretrained, row_len)
     K = sum(lens) / len(lens)
     device = pick_device(cfg.device, verbose=False)
     amp = pick_autocast_dtype(device, cfg.dtype, verbose=False)

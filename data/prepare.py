@@ -231,19 +231,17 @@ def make_tokenizer(args, out_dir, train_docs):
         tok = load_model_tokenizer(path) if is_pretrained_path(path) else tk.BPETokenizer.from_file(path)
         print(f"tokenizer: {args.tokenizer_from} (byte-level BPE, vocab {tok.vocab_size}, MASK id {tok.mask_id})")
         return tok
-    try:
-        if args.tokenizer == "byte":
-            return tk.ByteTokenizer()
-        if args.tokenizer == "sentencepiece":
-            t0 = time.time()
-            print(f"training sentencepiece BPE (vocab {args.vocab_size}) on the train split ...")
-            tok = tk.train_sentencepiece((text for _, _, text in train_docs),
-                                         os.path.join(out_dir, "tokenizer"), args.vocab_size)
-            print(f"  vocab {tok.vocab_size} in {time.time() - t0:.1f}s -> {tok.model_file}")
-            return tok
-        return tk.get_tiktoken(args.encoding)
-    except (ValueError, OSError) as e:
-        raise UserError(str(e)) from None
+    # tokenizer.py raises UserError for what a user can fix (a too-small vocabulary, no tiktoken cache)
+    if args.tokenizer == "byte":
+        return tk.ByteTokenizer()
+    if args.tokenizer == "sentencepiece":
+        t0 = time.time()
+        print(f"training sentencepiece BPE (vocab {args.vocab_size}) on the train split ...")
+        tok = tk.train_sentencepiece((text for _, _, text in train_docs),
+                                     os.path.join(out_dir, "tokenizer"), args.vocab_size)
+        print(f"  vocab {tok.vocab_size} in {time.time() - t0:.1f}s -> {tok.model_file}")
+        return tok
+    return tk.get_tiktoken(args.encoding)
 
 
 def make_out_dir(out_dir):

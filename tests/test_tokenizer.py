@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import tokenizer as tk
+from errors import UserError
 
 # Text that tends to break tokenizers: sentencepiece's own space stand-in (U+2581), the special
 # strings written literally, byte-piece and <unk> look-alikes, CRLF, tabs, NUL, emoji, combining
@@ -130,9 +131,9 @@ def test_meta_is_plain_json_and_reloads(tok, sp_dir, monkeypatch):
 
 
 def test_load_tokenizer_rejects_mismatch():
-    with pytest.raises(ValueError, match="vocab_size"):
+    with pytest.raises(UserError, match="vocab_size"):
         tk.load_tokenizer({"kind": "byte", "vocab_size": 300, "eot_id": 256, "mask_id": 257})
-    with pytest.raises(ValueError, match="unknown tokenizer kind"):
+    with pytest.raises(UserError, match="unknown tokenizer kind"):
         tk.load_tokenizer({"kind": "words"})
 
 
@@ -178,17 +179,17 @@ def test_sentencepiece_trains_from_file(tmp_path):
 
 
 def test_sentencepiece_vocab_too_small(tmp_path):
-    with pytest.raises(ValueError, match="too small"):
+    with pytest.raises(UserError, match="too small"):
         tk.train_sentencepiece(CORPUS, str(tmp_path / "m"), 100)
     # Enough for the fixed pieces but not for this corpus's characters.
     many_chars = ["".join(chr(0x4E00 + i) for i in range(k, k + 50)) for k in range(0, 400, 50)]
-    with pytest.raises(ValueError, match="too small for this corpus"):
+    with pytest.raises(UserError, match="too small for this corpus"):
         tk.train_sentencepiece(many_chars, str(tmp_path / "m"), 270)
 
 
 def test_sentencepiece_missing_model(tmp_path, sp_dir):
     meta = tk.SentencePieceTokenizer(str(sp_dir / "tokenizer.model")).meta()
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(UserError) as e:
         tk.load_tokenizer(meta, str(tmp_path))
     msg = str(e.value)
     assert str(tmp_path / "tokenizer.model") in msg
@@ -198,7 +199,7 @@ def test_sentencepiece_missing_model(tmp_path, sp_dir):
 def test_sentencepiece_model_mismatch(tmp_path, sp_dir):
     meta = tk.SentencePieceTokenizer(str(sp_dir / "tokenizer.model")).meta()
     tk.train_sentencepiece(CORPUS[:20], str(tmp_path / "tokenizer"), 310)
-    with pytest.raises(ValueError, match="sha256 differs"):
+    with pytest.raises(UserError, match="sha256 differs"):
         tk.load_tokenizer(meta, str(tmp_path))
 
 
@@ -223,18 +224,18 @@ def test_tiktoken_offline_error(monkeypatch, tmp_path):
 
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(ConnectionError) as e:
+    with pytest.raises(UserError) as e:
         tk.get_tiktoken("gpt2")
     msg = str(e.value)
     assert "could not load tiktoken encoding 'gpt2'" in msg and "TIKTOKEN_CACHE_DIR" in msg
     assert "--tokenizer byte/sentencepiece" in msg and "\n" not in msg
-    with pytest.raises(ConnectionError):
+    with pytest.raises(UserError):
         tk.load_tokenizer({"kind": "tiktoken", "encoding": "gpt2"})
 
 
 def test_tiktoken_unknown_encoding_is_not_reloadable():
     meta = tk.TiktokenTokenizer(tiny_tiktoken_encoding()).meta()
-    with pytest.raises(ValueError, match="unknown tiktoken encoding 'tiny-test'"):
+    with pytest.raises(UserError, match="unknown tiktoken encoding 'tiny-test'"):
         tk.load_tokenizer(meta)
 
 
@@ -265,10 +266,10 @@ def test_write_and_load_tokens(tmp_path, dtype_name, ids):
 
 
 def test_load_tokens_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run `python data/prepare.py`"):
+    with pytest.raises(UserError, match="run `python data/prepare.py`"):
         tk.load_tokens(str(tmp_path / "train.bin"), "uint16")
     (tmp_path / "odd.bin").write_bytes(b"\x00\x01\x02")
-    with pytest.raises(ValueError, match="not a multiple of 2"):
+    with pytest.raises(UserError, match="not a multiple of 2"):
         tk.load_tokens(str(tmp_path / "odd.bin"), "uint16")
-    with pytest.raises(ValueError, match="unknown token dtype"):
+    with pytest.raises(UserError, match="unknown token dtype"):
         tk.load_tokens(str(tmp_path / "odd.bin"), "int8")

@@ -5,6 +5,7 @@ code 2. The tiny base and head are trained once per session (helpers.tiny_run)."
 
 import contextlib
 import io
+import json
 import os
 import re
 import shutil
@@ -169,7 +170,8 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tiny, tmp_path, monkeyp
 BASE_ERRORS = [
     (["--data-dir", "{tmp}/missing"], "data/prepare.py"),
     (["--n-head", "4", "--n-kv-head", "3"], "must divide n_head"),
-    (["--preset", "huge"], "unknown --preset 'huge'"),
+    (["--preset", "huge"], "argument --preset: invalid choice: 'huge' (choose from 'cpu', 'draft', 'gpu', 'tiny')"),
+    (["--stage", "head", "--preset", "draft", "--base-ckpt", "x"], "unknown --preset 'draft' for stage head"),
     (["--stage", "middle"], "argument --stage: invalid choice: 'middle' (choose from 'base', 'head')"),
     (["--seq-len", "100"], "exceeds the model's --context-len 64"),
     (["--max-steps", "0"], "--max-steps must be >= 1"),
@@ -476,6 +478,14 @@ def test_dry_run_estimates_without_loading_or_training(tiny, tmp_path, capsys, m
     assert "dry run: head" in log and "time per optimizer step" in log and "fits a 80 GB device" in log
     assert est["memory_total"] > est["memory"]["base weights (fp32)"] > 0 and est["seconds_per_step"] > 0
     assert not (tmp_path / "h").exists()
+    assert " x 64 tokens;" in log  # the tiny base's context: no --seq-len and no packed rows
+    # packed self-distilled rows fix the training length: the estimate uses it (meta.json only is read)
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    meta = json.loads(open(os.path.join(tiny["data"], "meta.json")).read())
+    (packed / "meta.json").write_text(json.dumps({**meta, "kind": "self-distilled", "row_len": 40}))
+    _, log = train(argv + ["--data-dir", packed])
+    assert " x 40 tokens;" in log
     assert "--dry-run estimates a head-stage run" in expect_user_error(
         train_script.main, ["--preset", "tiny", "--data-dir", tiny["data"], "--dry-run", *CPU], capsys)
 
