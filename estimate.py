@@ -21,6 +21,11 @@ from decoding import sync_device
 from model import kv_bytes
 
 MATMUL_EFFICIENCY = 0.4  # share of a GPU's peak that training matmuls of this size reach, for --tflops
+# On a CPU a whole head step runs at about a third of the bare matmul measured_tflops times (small
+# ops, softmaxes and casts weigh more there). Measured on this project's 2-core VM, one thread, bf16,
+# SmolLM2-135M head K=16: 256-token rows 2.6 s per step against 0.82 s uncorrected; 512-token rows
+# with 32 anchors 3.8 s against 1.29 s.
+CPU_STEP_EFFICIENCY = 0.33
 
 
 def measured_tflops(device: torch.device, dtype: torch.dtype, d: int) -> float:

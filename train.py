@@ -669,6 +669,9 @@ def dry_run(args, cfg: TrainConfig) -> dict:
         tflops, where = args.tflops * estimate.MATMUL_EFFICIENCY, f"{estimate.MATMUL_EFFICIENCY:.0%} of {args.tflops:g} peak"
     else:
         tflops, where = estimate.measured_tflops(device, amp or torch.float32, config.n_embd), f"measured on {device}"
+        if device.type == "cpu":
+            tflops *= estimate.CPU_STEP_EFFICIENCY
+            where = f"{estimate.CPU_STEP_EFFICIENCY:.0%} of a matmul {where}, what a training step reaches on a CPU"
     print(f"configuration: {processes} process(es) x {cfg.batch_size // processes} rows x {cfg.grad_accum} "
           f"accumulation x {seq_len} tokens; K {lens}; {cfg.max_steps} steps")
     print(estimate.report(est, tflops, where, args.gpu_memory_gb))
