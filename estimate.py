@@ -9,15 +9,18 @@ The counts follow the training path of diffusion_head.py: one frozen base forwar
 (teacher logits for every position, K/V kept for the head, no gradient); per row N anchor blocks of
 K tokens through every layer with the head's attention (trainable: weight and input gradients)
 and the shared MLP (frozen: input gradients only); the LM head over the block tokens in chunks
-that are recomputed in backward; attention over the T + N*K keys the training mask allows.
+that are recomputed in backward; attention a group of blocks at a time over the group's prefix
+and block tokens (diffusion_head.chunked_block_attention).
 Estimates, not measurements: they leave out allocator slack and small tensors.
 """
 
+import math
 import time
 
 import torch
 
 from decoding import sync_device
+from diffusion_head import default_blocks_per_call
 from model import kv_bytes
 
 MATMUL_EFFICIENCY = 0.4  # share of a GPU's peak that training matmuls of this size reach, for --tflops
@@ -52,13 +55,19 @@ def head_run(c, *, rows_per_process: int, processes: int, grad_accum: int, seq_l
     head_params = L * (attn + (2 * c.head_dim if c.qk_norm else 0)) + d
     base_params = L * (attn + mlp + 2 * d) + V * d * (1 if c.tie_embeddings else 2) + d
     R, M = rows_per_process, rows_per_process * N * K  # rows and block tokens per micro-batch and process
-    keys = T + N * K
+    # keys per block query under chunked_block_attention: its group's prefix (the group's largest
+    # anchor: ~T/2 averaged over groups of sorted random anchors, ~T for a single group) and the
+    # group's own block tokens
+    group = min(N, default_blocks_per_call(T, round(K)))
+    n_groups = math.ceil(N / group)
+    keys = T * (n_groups + 1) / (2 * n_groups) + group * K
     mem = {
         "base weights (fp32)": 4 * base_params,
         "head weights, grads, AdamW m and v (fp32)": 16 * head_params,
         "teacher logits + log-probs": R * T * V * (compute_bytes + 4),
         "base K/V kept for the head (its fp32 cache)": kv_bytes(c, R * T, torch.float32),
         "head activations kept for backward": M * (d * (2 if grad_checkpoint else 10) + (0 if grad_checkpoint else 3 * c.mlp_hidden)) * L * compute_bytes,
+        "attention keys/values kept for backward (per group)": 0 if grad_checkpoint else R * n_groups * keys * 2 * kv * L * compute_bytes,
         "attention probabilities kept for backward": 0 if flash_attention or grad_checkpoint else R * c.n_head * N * K * keys * L * compute_bytes,
         "one chunk of draft logits (x3: logits, log-softmax, grad)": 3 * 4 * min(max_logits or M * V, M * V),
     }

@@ -54,6 +54,14 @@ def test_training_path_equals_inference_path_float64():
     with torch.no_grad():
         train_logits = head.block_logits_for_training(base, idx, ks, vs, anchors, K)  # (B, N, K, V)
     assert train_logits.shape == (B, anchors.numel(), K, 40)
+    with torch.no_grad():  # the attention grouping (1, 2, 3 or all blocks per call) changes nothing
+        for per_call in (1, 2, 3, 5):
+            hidden = head.block_hidden_for_training(base, idx, ks, vs, anchors, K, blocks_per_call=per_call)
+            torch.testing.assert_close(base.lm_head(base.norm(hidden)), train_logits, rtol=0, atol=1e-12)
+        # unsorted anchors: each group's prefix is its largest anchor, wherever it sits
+        order = torch.tensor([3, 0, 4, 2, 1])
+        hidden = head.block_hidden_for_training(base, idx, ks, vs, anchors[order], K, blocks_per_call=2)
+        torch.testing.assert_close(base.lm_head(base.norm(hidden)), train_logits[:, order], rtol=0, atol=1e-12)
     for j, s in enumerate(anchors.tolist()):
         cache = base.new_cache(batch_size=B)
         with torch.no_grad():
@@ -136,9 +144,10 @@ def test_chunked_loss_equals_the_whole_loss_values_and_gradients(kind):
     weight = torch.tensor([[1, 0, 1, 1, 0, 1], [0, 0, 1, 1, 1, 1]], dtype=torch.float64)
     for w in (None, weight):
         results = []
-        for max_logits, ckpt in ((0, False), (2 * K * base.config.vocab_size, False), (1, True)):
+        for max_logits, ckpt, per_call in ((0, False, 6), (2 * K * base.config.vocab_size, False, 1), (1, True, 4)):
             head.zero_grad()
-            hidden = head.block_hidden_for_training(base, idx, ks, vs, anchors, K, checkpoint_layers=ckpt)
+            hidden = head.block_hidden_for_training(base, idx, ks, vs, anchors, K, checkpoint_layers=ckpt,
+                                                    blocks_per_call=per_call)
             loss, agree = chunked_head_loss(base, hidden, teacher_logp, idx, anchors, kind, w, max_logits)
             loss.backward()
             results.append((loss.detach(), agree, [p.grad.clone() for p in head.parameters()]))
