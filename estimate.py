@@ -67,7 +67,9 @@ def head_run(c, *, rows_per_process: int, processes: int, grad_accum: int, seq_l
         "teacher logits + log-probs": R * T * V * (compute_bytes + 4),
         "base K/V kept for the head (its fp32 cache)": kv_bytes(c, R * T, torch.float32),
         "head activations kept for backward": M * (d * (2 if grad_checkpoint else 10) + (0 if grad_checkpoint else 3 * c.mlp_hidden)) * L * compute_bytes,
-        "attention keys/values kept for backward (per group)": 0 if grad_checkpoint else R * n_groups * keys * 2 * kv * L * compute_bytes,
+        # on CUDA the groups' keys are expanded to every query head (the memory-efficient kernel takes no GQA)
+        "attention keys/values kept for backward (per group)": 0 if grad_checkpoint else
+            R * n_groups * keys * 2 * (q if flash_attention else kv) * L * compute_bytes,
         "attention probabilities kept for backward": 0 if flash_attention or grad_checkpoint else R * c.n_head * N * K * keys * L * compute_bytes,
         "one chunk of draft logits (x3: logits, log-softmax, grad)": 3 * 4 * min(max_logits or M * V, M * V),
     }

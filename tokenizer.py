@@ -152,8 +152,11 @@ class SentencePieceTokenizer(Tokenizer):
                     f"sentencepiece model {model_file} not found: run "
                     f"`python data/prepare.py --tokenizer sentencepiece ...` to train it"
                 )
-            with open(model_file, "rb") as f:
-                model_bytes = f.read()
+            try:
+                with open(model_file, "rb") as f:
+                    model_bytes = f.read()
+            except OSError as e:  # a folder, no permission
+                raise UserError(f"cannot read sentencepiece model {model_file} ({e.strerror or type(e).__name__})") from None
         self.model_bytes = model_bytes
         self.model_file = model_file
         self.sp = spm.SentencePieceProcessor(model_proto=self.model_bytes)
@@ -332,6 +335,9 @@ def get_tiktoken(name):
             f"(set TIKTOKEN_CACHE_DIR to a folder holding it, or use --tokenizer "
             f"byte/sentencepiece) [{type(e).__name__}]"
         ) from None
+    except ValueError as e:  # a cached file whose hash tiktoken does not expect
+        raise UserError(f"tiktoken encoding '{name}' could not be loaded from its cache ({first_line(e, 120)}); "
+                        f"delete the cached file (TIKTOKEN_CACHE_DIR) and fetch it again") from None
     return TiktokenTokenizer(enc)
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from diffusion_head import (DiffusionHead, choose_anchors, chunked_head_loss, head_loss, response_anchors,
-                            training_attention_mask, valid_anchor_range)
+                            training_attention_mask, valid_anchor_range, attention_calls,
+                            chunked_block_attention)
 from model import GPT, GPTConfig
 
 CFG = dict(vocab_size=40, context_len=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, head_dim=12, mlp_hidden=48)
@@ -71,6 +72,31 @@ def test_training_path_equals_inference_path_float64():
             block[:, 0] = idx[:, s]
             infer = head.draft_logits(base, cache, block)
         torch.testing.assert_close(train_logits[:, j], infer, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("expand_kv_heads", [False, True])
+def test_grouped_training_attention_equals_one_masked_call_float64(expand_kv_heads):
+    """chunked_block_attention, any grouping, with or without repeating the key/value heads (what
+    CUDA gets), equals one attention call over all T + N*K keys under training_attention_mask:
+    outputs and gradients, B = 2, GQA 6 query / 2 key-value heads, duplicate and unsorted anchors."""
+    torch.manual_seed(4)
+    B, H, Hkv, D, T, K = 2, 6, 2, 4, 30, 5
+    anchors = torch.tensor([0, 12, 3, 3, 25, 7, 0])
+    N = anchors.numel()
+    leaves = [torch.randn(B, H, N * K, D, dtype=torch.float64, requires_grad=True)]
+    leaves += [torch.randn(B, Hkv, n, D, dtype=torch.float64, requires_grad=True) for n in (T, T, N * K, N * K)]
+    q, k_base, v_base, k_block, v_block = leaves
+    keys, values = torch.cat([k_base, k_block], 2), torch.cat([v_base, v_block], 2)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q, keys, values, attn_mask=training_attention_mask(anchors, T, K), enable_gqa=True)
+    dense_grads = torch.autograd.grad(dense.square().sum(), leaves)
+    for per_call in (1, 2, 3, N):
+        calls = attention_calls(anchors, T, K, per_call)
+        y = chunked_block_attention(q, k_base, v_base, k_block, v_block, calls, expand_kv_heads)
+        torch.testing.assert_close(y, dense, rtol=0, atol=1e-13)
+        for g, g0 in zip(torch.autograd.grad(y.square().sum(), leaves), dense_grads):
+            torch.testing.assert_close(g, g0, rtol=0, atol=1e-12)
+    assert [prefix for _, prefix, _ in attention_calls(anchors, T, K, 3)] == [12, 25, 0]
 
 
 def test_draft_pass_leaves_cache_untouched():

@@ -214,6 +214,27 @@ def test_tiktoken_mask_appended():
     assert tok.encode("def") == [259]  # the merges are used
 
 
+def test_tiktoken_bad_cache_is_a_user_error(monkeypatch):
+    """tiktoken raises ValueError for a cached file with an unexpected hash: one line, not a traceback."""
+    import tiktoken
+
+    def bad_hash(name):
+        raise ValueError("Hash mismatch for data downloaded from https://example/gpt2 (expected abc)")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", bad_hash)
+    with pytest.raises(UserError, match="delete the cached file"):
+        tk.get_tiktoken("gpt2")
+
+
+def test_unreadable_sentencepiece_model_is_a_user_error(monkeypatch, sp_dir):
+    def no_permission(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tk, "open", no_permission, raising=False)  # the module's open, not the builtin
+    with pytest.raises(UserError, match="cannot read sentencepiece model .*Permission denied"):
+        tk.SentencePieceTokenizer(str(sp_dir / "tokenizer.model"))
+
+
 def test_tiktoken_offline_error(monkeypatch, tmp_path):
     """No real network: get_encoding is replaced by one that fails like an offline download."""
     import requests
