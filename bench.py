@@ -400,6 +400,8 @@ class Bench:
                 self.stop_ids = [*self.info["stop_ids"], self.tokenizer.end_of_turn_id]
             else:
                 self.prompts = [self.tokenizer.encode(p) for p in prompt_texts[: args.num_prompts]]
+            if len(self.prompts) < args.num_prompts:
+                print(f"note: --num-prompts {args.num_prompts} but the prompt file has {len(self.prompts)}; using them all")
             longest = max(map(len, self.prompts))
             if longest + args.max_new_tokens > self.base.config.context_len:
                 raise UserError(f"a prompt of {longest} tokens + --max-new-tokens {args.max_new_tokens} exceeds the "

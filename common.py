@@ -35,12 +35,24 @@ def run_cli(main, argv=None):
         sys.exit(130)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every flag's default unless its help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        silent = default is None or default is False or default is argparse.SUPPRESS or default == ""
+        if action.option_strings and "default" not in text and not silent:
+            text += " (default: %(default)s)"
+        return text
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is the same one-line `error: ...` (exit 2) as every other mistake,
-    not the usage block. `--help` still prints everything."""
+    not the usage block. `--help` still prints everything, with the defaults."""
 
     def __init__(self, description=None, **kwargs):
-        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+        super().__init__(description=description, formatter_class=_HelpFormatter, **kwargs)
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")
@@ -433,7 +445,8 @@ def read_data_meta(data_dir: str) -> dict:
 
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
-        raise UserError(f"no {path}: run `python data/prepare.py` first (or pass --data-dir)")
+        raise UserError(f"no {path}: make the folder first (`python data/prepare.py` for a corpus, `python "
+                        f"data/self_distill.py` for a model's own answers) or pass the right --data-dir")
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)

@@ -204,7 +204,7 @@ def chat_prompt(tokenizer, prompt: str, system=None):
     system prompt). Stop generation at end_of_turn_id (<|im_end|>) and at info["stop_ids"]."""
     if getattr(tokenizer, "chat_format", None) is None:
         raise UserError("this model has no chat format this code knows (ChatML with <|im_start|>/<|im_end|>); "
-                        "give a plain prompt instead")
+                        "drop --chat and give a plain prompt")
     return tokenizer.encode_chat(prompt, system=system), tokenizer.end_of_turn_id
 
 

@@ -50,8 +50,8 @@ def build_parser():
     p.add_argument("--mode", default=None, choices=["orthrus", "ar", "compare"],
                    help="decoder: orthrus (default when the checkpoint has a head), ar, or compare (both)")
     p.add_argument("--draft-len", type=int, default=None,
-                   help=f"Orthrus draft block length K, K-1 drafts per cycle (default: {DEFAULT_DRAFT_LEN}, "
-                        "shortened near the end of the context)")
+                   help=f"Orthrus draft block length K, K-1 drafts per cycle (default: {DEFAULT_DRAFT_LEN}, or the "
+                        "head's longest trained length if shorter; shortened near the end of the context)")
     p.add_argument("--denoise-steps", type=int, default=1, help="Orthrus diffusion passes per draft (1 = the paper's default)")
     p.add_argument("--trace", action="store_true", help="show each cycle's accepted drafts, rejected tail and bonus token")
     return p
@@ -61,11 +61,12 @@ class TextStream:
     """Prints decoded text as tokens arrive. Decodes everything committed so far and prints the
     new suffix, holding back a trailing U+FFFD (a multi-byte character cut between tokens)."""
 
-    def __init__(self, tokenizer, enabled=True):
+    def __init__(self, tokenizer, enabled=True, hidden_ids=()):
         self.tokenizer, self.enabled, self.ids, self.printed = tokenizer, enabled, [], 0
+        self.hidden_ids = set(hidden_ids)  # end-of-text / end-of-turn: they end the text, they are not text
 
     def __call__(self, new_ids):
-        self.ids.extend(new_ids)
+        self.ids.extend(i for i in new_ids if i not in self.hidden_ids)
         text = self.tokenizer.decode(self.ids)
         stable = len(text.rstrip("\ufffd"))
         if self.enabled and stable > self.printed:
@@ -146,7 +147,7 @@ def describe(stats):
     if stats.stop_reason == "context_limit":
         line += " | stopped at the context limit"
     elif stats.stop_reason == "eos":
-        line += " | stopped at end-of-text"
+        line += " | stopped at an end token (end of text or end of turn)"
     return line
 
 
@@ -154,6 +155,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     settings = check_flags(args)
     prompt_text = read_prompt(args)
+    if args.chat and not prompt_text.strip():
+        raise UserError("the prompt is empty: with --chat give the user's message as --prompt TEXT or --prompt-file")
     device = pick_device(args.device, verbose=False)
     set_threads(args.threads)
     dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[args.dtype]
@@ -173,7 +176,8 @@ def main(argv=None):
     if head is None and mode == "orthrus":
         print("note: this checkpoint has no diffusion head; running plain AR decoding", file=sys.stderr)
         mode = "ar"
-    draft_len = args.draft_len or DEFAULT_DRAFT_LEN
+    # default: 16, or the longest length the head was trained for if that is shorter
+    draft_len = args.draft_len or min(DEFAULT_DRAFT_LEN, head.max_trained_draft_len if head else DEFAULT_DRAFT_LEN)
     if mode != "ar":
         room = base.config.context_len - len(prompt)
         if args.draft_len is not None and args.draft_len > room:  # the default just shortens itself
@@ -187,7 +191,7 @@ def main(argv=None):
     def run(method, stream_enabled, **overrides):
         stream_enabled = stream_enabled and not (args.trace and method == "orthrus")  # trace lines instead
         sampling = dataclasses.replace(settings, generator=torch.Generator(device=device).manual_seed(args.seed))
-        stream = TextStream(tokenizer, stream_enabled)
+        stream = TextStream(tokenizer, stream_enabled, hidden_ids=stop_ids)
         shown_prompt = prompt_text + ("\n" if args.chat else "")  # a chat answer starts on its own line
         if stream_enabled:
             sys.stdout.write(shown_prompt)

@@ -567,7 +567,7 @@ class BPETokenizer(Tokenizer):
         template renders them (Qwen3: thinking off, i.e. an empty <think></think> block; SmolLM2:
         its default system prompt). The prompt is ordinary text: markers inside it stay text."""
         if self.chat_format is None:
-            raise UserError(f"{self.name} has no chat format this code knows (ChatML); give a plain prompt instead")
+            raise UserError(f"{self.name} has no chat format this code knows (ChatML); drop --chat and give a plain prompt")
         _check_encodable(prompt)
         S = self._added_ids
         system = self.chat_format["default_system"] if system is None else system

@@ -51,7 +51,8 @@ from tokenizer import load_tokens
 @dataclass
 class TrainConfig:
     stage: str = config_field("base", "'base' (pre-train the GPT) or 'head' (train the diffusion head of a frozen base)", ("base", "head"))
-    data_dir: str = config_field("data/stdlib", "folder written by data/prepare.py (train.bin, val.bin, meta.json)")
+    data_dir: str = config_field("data/stdlib", "folder written by data/prepare.py (a corpus: train.bin, val.bin) or "
+                                 "data/self_distill.py (a model's own answers: packed rows); both hold a meta.json")
     out_dir: str = config_field("", "where ckpt.pt goes (default: out/base or out/head)")
     base_ckpt: str = config_field("", "head stage: the base checkpoint to freeze and distil from")
     device: str = config_field("auto", "auto, cpu, cuda, cuda:N or mps")
@@ -770,6 +771,8 @@ def resume_config(args, cfg: TrainConfig, resume_ckpt: dict) -> TrainConfig:
                         "the file was edited")
     step = resume_ckpt["step"]
     given = {k: v for k, v in vars(args).items() if v is not None and k not in RESUME_FLAGS + ("resume",)}
+    saved_values = {**resume_ckpt.get("model_config", {}), **dataclasses.asdict(saved)}
+    given = {k: v for k, v in given.items() if saved_values.get(k, object()) != v}  # the same value is no news
     if given:
         shown = ", ".join(f"{flag(k)} {v}" for k, v in given.items())
         print(f"ignored on --resume (the run keeps its saved configuration; only --device and --max-steps "
@@ -803,8 +806,8 @@ def main(argv=None):
     if not args.resume and cfg.stage == "head" and not cfg.base_ckpt:
         raise UserError("--stage head needs --base-ckpt PATH (a checkpoint from `python train.py --stage base`)")
     if not args.resume and not os.path.isfile(os.path.join(cfg.data_dir, "meta.json")):
-        raise UserError(f"no {os.path.join(cfg.data_dir, 'meta.json')}: run `python data/prepare.py` first "
-                        "(or pass --data-dir)")
+        raise UserError(f"no {os.path.join(cfg.data_dir, 'meta.json')}: make the folder first (`python data/prepare.py` "
+                        "for a corpus, `python data/self_distill.py` for a model's own answers) or pass the right --data-dir")
     resume_ckpt = None
     if args.resume:
         resume_ckpt = load_checkpoint(ckpt_path(cfg))

@@ -56,6 +56,28 @@ def test_sample_compare_on_a_head_for_a_pretrained_base(real, capsys):
     assert "outputs: IDENTICAL" in capsys.readouterr().err
 
 
+def test_sample_default_draft_length_fits_the_head(real, capsys):
+    """Without --draft-len a head trained for K <= 6 drafts with K = 6 (not 16, which would only warn)."""
+    sample.main(["--ckpt", real["head"], "--mode", "compare", "--prompt", "def square(x):", "--max-new-tokens", "12",
+                 "--dtype", "float64", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert "outputs: IDENTICAL" in err and "(K=6)" in err and "warning" not in err
+
+
+def test_sample_chat_refuses_an_empty_message(real, capsys):
+    line = expect_user_error(sample.main, ["--ckpt", real["folder"], "--chat", "--prompt", " \n", "--device", "cpu"],
+                             capsys)
+    assert "the prompt is empty" in line
+
+
+def test_text_stream_hides_end_tokens(real):
+    _, _, tok, _ = pretrained.load_pretrained(real["folder"])
+    ids = tok.encode("hello") + [tok.end_of_turn_id]
+    stream = sample.TextStream(tok, enabled=False, hidden_ids=[tok.end_of_turn_id])
+    stream(ids)
+    assert stream.finish() == "hello" and tok.decode(ids) != "hello"
+
+
 def test_sample_chat_on_a_folder_stops_at_the_end_of_turn(real, capsys):
     stats = sample.main(["--ckpt", real["folder"], "--chat", "--prompt", "Say hi.", "--max-new-tokens", "40",
                          "--device", "cpu"])

@@ -286,8 +286,12 @@ def test_resume_extends_max_steps_and_reports_ignored_flags(tiny, tmp_path, caps
     out = tmp_path / "run"
     out.mkdir()
     shutil.copy(tiny["base"], out / "ckpt.pt")  # a finished 20-step run
-    _, log = train(["--resume", "--out-dir", out, "--device", "cpu", "--lr", "0.5", "--preset", "tiny"])
-    assert "ignored on --resume" in log and "--lr 0.5" in log and "--preset tiny" in log
+    saved_seed = load(out / "ckpt.pt")["train_config"]["seed"]
+    _, log = train(["--resume", "--out-dir", out, "--device", "cpu", "--lr", "0.5", "--preset", "tiny",
+                    "--stage", "base", "--seed", saved_seed])
+    ignored = next(line for line in log.splitlines() if line.startswith("ignored on --resume"))
+    assert "--lr 0.5" in ignored and "--preset tiny" in ignored
+    assert "--stage" not in ignored and "--seed" not in ignored  # the saved values: nothing to report
     assert "nothing to do" in log and "larger --max-steps" in log
     assert load(out / "ckpt.pt")["step"] == 20
 
