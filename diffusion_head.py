@@ -239,14 +239,27 @@ def response_anchors(response: torch.Tensor, draft_len: int) -> torch.Tensor:
     return (inside[:, s + K] - inside[:, s + 1]) == K - 1
 
 
+def block_index_weights(draft_len: int, position_decay: float, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(K-1,) loss weights of block indices 0..K-2: all 1 (the paper: a uniform average), or
+    exp(-i / position_decay) rescaled to mean 1, which puts the effort on the first drafts, the ones
+    every accepted run needs (an option for ablations, not in the paper)."""
+    i = torch.arange(draft_len - 1, device=device, dtype=dtype)
+    if position_decay <= 0:
+        return torch.ones_like(i)
+    w = torch.exp(-i / position_decay)
+    return w * (draft_len - 1) / w.sum()
+
+
 def head_loss(draft_logits: torch.Tensor, teacher_logp: torch.Tensor, idx: torch.Tensor,
-              anchors: torch.Tensor, kind: str = "kl", weight: torch.Tensor | None = None):
+              anchors: torch.Tensor, kind: str = "kl", weight: torch.Tensor | None = None,
+              position_decay: float = 0.0):
     """draft_logits: (B, N, K, V). Only block indices 0..K-2 draft (index i -> position s+i+1).
     teacher_logp: (B, T, V) the base's log-probabilities at every position, computed once and
     shared by every block that targets a position.
     'kl': forward KL(teacher || draft), teacher = base distribution at position s+i (the paper's
     objective); 'ce': cross-entropy against the data token at s+i+1 (the ablation).
     weight: optional (B, N) 0/1, which (row, block) pairs count (response_anchors).
+    position_decay: weights of the block indices (block_index_weights; 0 = uniform).
     Returns (loss, agreement) with agreement (N, K-1): draft argmax == teacher argmax, averaged
     over the counted rows (the quantity that predicts the accepted length under greedy decoding)."""
     B, N, K, V = draft_logits.shape
@@ -264,6 +277,8 @@ def head_loss(draft_logits: torch.Tensor, teacher_logp: torch.Tensor, idx: torch
     else:
         raise ValueError(f"unknown head loss {kind!r}: use 'kl' or 'ce'")
     w = per_token.new_ones(B, N) if weight is None else weight.to(per_token.dtype)  # (B, N)
+    if position_decay > 0:
+        per_token = per_token * block_index_weights(K, position_decay, per_token.device, per_token.dtype)
     loss = (per_token * w[..., None]).sum() / ((K - 1) * w.sum()).clamp(min=1)
     agreement = ((student.argmax(-1) == teacher.argmax(-1)).float() * w[..., None]).sum(0) / w.sum(0).clamp(min=1)[:, None]
     return loss, agreement  # agreement (N, K-1)
@@ -271,7 +286,7 @@ def head_loss(draft_logits: torch.Tensor, teacher_logp: torch.Tensor, idx: torch
 
 def chunked_head_loss(base: GPT, hidden: torch.Tensor, teacher_logp: torch.Tensor, idx: torch.Tensor,
                       anchors: torch.Tensor, kind: str = "kl", weight: torch.Tensor | None = None,
-                      max_logits: int = 1 << 24):
+                      max_logits: int = 1 << 24, position_decay: float = 0.0):
     """head_loss(lm_head(norm(hidden)), ...) computed a chunk of blocks at a time, each chunk under
     activation checkpointing (its logits are recomputed in backward), so at most ~max_logits
     draft logits (blocks x K x vocab, ~64 MiB in float32 by default) exist at once: what a 49K-152K
@@ -281,7 +296,7 @@ def chunked_head_loss(base: GPT, hidden: torch.Tensor, teacher_logp: torch.Tenso
     per_chunk = N if max_logits <= 0 else max(1, max_logits // (B * K * base.config.vocab_size))
     logits_of = lambda h: base.lm_head(base.norm(h))  # noqa: E731
     if per_chunk >= N:
-        return head_loss(logits_of(hidden), teacher_logp, idx, anchors, kind, weight)
+        return head_loss(logits_of(hidden), teacher_logp, idx, anchors, kind, weight, position_decay)
     wide = torch.promote_types(hidden.dtype, torch.float32)
     w = torch.ones(B, N, device=hidden.device, dtype=wide) if weight is None else weight.to(wide)
     total, agreement = 0.0, []
@@ -289,7 +304,7 @@ def chunked_head_loss(base: GPT, hidden: torch.Tensor, teacher_logp: torch.Tenso
         part = slice(c, c + per_chunk)
 
         def chunk_loss(h, part=part):
-            return head_loss(logits_of(h), teacher_logp, idx, anchors[part], kind, w[:, part])
+            return head_loss(logits_of(h), teacher_logp, idx, anchors[part], kind, w[:, part], position_decay)
 
         loss, agree = checkpoint(chunk_loss, hidden[:, part], use_reentrant=False)
         total = total + loss * w[:, part].sum().clamp(min=1)  # back to a sum over this chunk's blocks

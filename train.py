@@ -79,6 +79,9 @@ class TrainConfig:
     anchors: str = config_field("random", "head: anchor placement, 'random' (2T/K distinct positions) or 'aligned' (every K)", ("random", "aligned"))
     anchors_per_seq: int = config_field(0, "head: random anchors per sequence (0 = 2T/K)")
     loss: str = config_field("kl", "head: 'kl' (distil the base's distribution) or 'ce' (data labels; ablation)", ("kl", "ce"))
+    loss_position_decay: float = config_field(0.0, "head: weight block index i by exp(-i / decay) in the training loss, "
+                                              "rescaled to mean 1 (0 = uniform, the paper's objective; an ablation, "
+                                              "not in the paper)")
     loss_chunk_logits: int = config_field(1 << 24, "head: draft logits (blocks x K x vocab) computed at once in the loss; "
                                           "chunks are recomputed in backward (0 = all at once)")
     grad_checkpoint: bool = config_field(False, "head: recompute each layer's activations in backward (less memory)")
@@ -529,10 +532,11 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
                                      else 0, None if usable is None else usable.any(0))
         return idx, anchors, None if usable is None else usable[:, anchors].float()
 
-    def block_loss(idx, anchors, weight, K, global_blocks=None):
+    def block_loss(idx, anchors, weight, K, global_blocks=None, position_decay=0.0):
         """The head's loss on these rows. Under data parallelism it is scaled to this rank's share of
         the global batch's counted blocks (global_blocks), so that the ranks' averaged gradients are
-        those of the global mean; in one process the factor is exactly 1."""
+        those of the global mean; in one process the factor is exactly 1. Evaluation keeps
+        position_decay 0, so val losses of runs with and without it compare."""
         local_blocks = anchors.numel() * idx.size(0) if weight is None else float(weight.sum())
         idx, anchors = idx.to(device), anchors.to(device)
         weight = None if weight is None else weight.to(device)
@@ -542,7 +546,7 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
                 teacher_logp = F.log_softmax(teacher.float(), dim=-1)  # once per position, shared by its blocks
             hidden = trainable(base, idx, ks, vs, anchors, K, cfg.grad_checkpoint)  # the head, maybe DDP-wrapped
             loss, agree = chunked_head_loss(base, hidden, teacher_logp, idx, anchors, cfg.loss, weight,
-                                            cfg.loss_chunk_logits)
+                                            cfg.loss_chunk_logits, position_decay)
         if global_blocks is not None:
             loss = loss * (max(local_blocks, 1) * RANKS.world / max(global_blocks, 1))
         return loss, agree
@@ -555,7 +559,7 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
         idx, anchors, weight = plan_blocks(data.train_windows(cfg.batch_size, seq_len, gen), K, cfg.anchors, gen, anchors)
         global_blocks = anchors.numel() * idx.size(0) if weight is None else float(weight.sum())
         idx, weight = RANKS.rows((idx, weight))
-        return block_loss(idx, anchors, weight, K, global_blocks)[0]
+        return block_loss(idx, anchors, weight, K, global_blocks, cfg.loss_position_decay)[0]
 
     @torch.no_grad()
     def evaluate(step):
@@ -718,6 +722,8 @@ def check_train_config(cfg: TrainConfig):
     need(is_num("min_lr_ratio") and 0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio",
          "in [0, 1] (the final learning rate as a fraction of --lr)")
     need(is_num("weight_decay") and cfg.weight_decay >= 0, "weight_decay", "a finite number >= 0")
+    need(is_num("loss_position_decay") and cfg.loss_position_decay >= 0, "loss_position_decay",
+         "a finite number >= 0 (0 = uniform)")
     for name in ("beta1", "beta2"):
         need(is_num(name) and 0 <= getattr(cfg, name) < 1, name, "in [0, 1)")
     need(is_num("grad_clip") and cfg.grad_clip >= 0, "grad_clip", "a finite number >= 0 (0 = off)")

@@ -1,10 +1,12 @@
 """The diffusion view: inference path == training path (float64), and the draft pass reads the
 shared cache without touching it."""
 
+import math
+
 import pytest
 import torch
 
-from diffusion_head import (DiffusionHead, choose_anchors, chunked_head_loss, head_loss, response_anchors,
+from diffusion_head import (DiffusionHead, block_index_weights, choose_anchors, chunked_head_loss, head_loss, response_anchors,
                             training_attention_mask, valid_anchor_range, attention_calls,
                             chunked_block_attention)
 from model import GPT, GPTConfig
@@ -168,13 +170,13 @@ def test_chunked_loss_equals_the_whole_loss_values_and_gradients(kind):
     vs = [cache.v[i, :, :, :T] for i in range(base.config.n_layer)]
     anchors = torch.tensor([0, 3, 7, 11, 15, 20])
     weight = torch.tensor([[1, 0, 1, 1, 0, 1], [0, 0, 1, 1, 1, 1]], dtype=torch.float64)
-    for w in (None, weight):
+    for w, decay in ((None, 0.0), (weight, 0.0), (weight, 1.5)):
         results = []
         for max_logits, ckpt, per_call in ((0, False, 6), (2 * K * base.config.vocab_size, False, 1), (1, True, 4)):
             head.zero_grad()
             hidden = head.block_hidden_for_training(base, idx, ks, vs, anchors, K, checkpoint_layers=ckpt,
                                                     blocks_per_call=per_call)
-            loss, agree = chunked_head_loss(base, hidden, teacher_logp, idx, anchors, kind, w, max_logits)
+            loss, agree = chunked_head_loss(base, hidden, teacher_logp, idx, anchors, kind, w, max_logits, decay)
             loss.backward()
             results.append((loss.detach(), agree, [p.grad.clone() for p in head.parameters()]))
         for loss, agree, grads in results[1:]:
@@ -182,6 +184,39 @@ def test_chunked_loss_equals_the_whole_loss_values_and_gradients(kind):
             torch.testing.assert_close(agree, results[0][1], rtol=0, atol=1e-12)
             for g, g0 in zip(grads, results[0][2]):
                 torch.testing.assert_close(g, g0, rtol=1e-10, atol=1e-12)
+
+
+def test_block_index_weights_decay_and_keep_mean_one():
+    assert torch.equal(block_index_weights(6, 0.0), torch.ones(5))
+    w = block_index_weights(6, 2.0, dtype=torch.float64)
+    torch.testing.assert_close(w.mean(), torch.tensor(1.0, dtype=torch.float64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(w[1:] / w[:-1], torch.full((4,), math.exp(-0.5), dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["kl", "ce"])
+def test_head_loss_position_decay_weights_each_block_index_float64(kind):
+    """The weighted loss is the per-index losses (computed here one index at a time) averaged with
+    block_index_weights; the agreement does not depend on the weights."""
+    torch.manual_seed(5)
+    B, N, K, V, T = 2, 3, 5, 11, 20
+    draft = torch.randn(B, N, K, V, dtype=torch.float64)
+    teacher_logp = torch.log_softmax(torch.randn(B, T, V, dtype=torch.float64), -1)
+    idx = torch.randint(0, V, (B, T))
+    anchors = torch.tensor([0, 6, 13])
+    loss, agree = head_loss(draft, teacher_logp, idx, anchors, kind, position_decay=1.3)
+    per_index = []
+    for i in range(K - 1):
+        student = torch.log_softmax(draft[:, :, i], -1)  # (B, N, V)
+        if kind == "kl":
+            p = teacher_logp[:, anchors + i]
+            per_index.append((p.exp() * (p - student)).sum(-1).mean())
+        else:
+            per_index.append(-student.gather(-1, idx[:, anchors + i + 1, None]).mean())
+    expected = (torch.stack(per_index) * block_index_weights(K, 1.3, dtype=torch.float64)).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-13, atol=1e-13)
+    uniform_loss, uniform_agree = head_loss(draft, teacher_logp, idx, anchors, kind)
+    torch.testing.assert_close(uniform_loss, torch.stack(per_index).mean(), rtol=1e-13, atol=1e-13)
+    assert torch.equal(agree, uniform_agree) and not torch.isclose(loss, uniform_loss)
 
 
 def test_response_anchors_need_every_target_to_be_an_answer():

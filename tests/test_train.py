@@ -179,6 +179,7 @@ BASE_ERRORS = [
     # values that trained on NaN, ran gradient ascent or printed negative speeds (issue 8)
     (["--rms-norm-eps", "-1"], "rms_norm_eps (--rms-norm-eps) must be a finite number > 0, got -1.0"),
     (["--rope-theta", "0"], "rope_theta (--rope-theta) must be a finite number > 0"),
+    (["--loss-position-decay", "-1"], "--loss-position-decay must be a finite number >= 0 (0 = uniform), got -1.0"),
     (["--seq-len", "-5"], "--seq-len must be an integer >= 0, got -5"),
     (["--min-lr-ratio", "-5"], "--min-lr-ratio must be in [0, 1]"),
     (["--grad-clip", "nan"], "--grad-clip must be a finite number >= 0 (0 = off), got nan"),
@@ -357,6 +358,20 @@ def test_head_stage_leaves_the_base_bit_identical(tiny):
     assert loaded is not None and loaded.head_config()["trained_draft_lens"] == [4, 6]
     evals = re.findall(r"eval step (\d+): K=(\d+) val kl ([\d.]+)", tiny["head_log"])
     assert [(s, k) for s, k, _ in evals] == [("5", "4"), ("5", "6"), ("10", "4"), ("10", "6")], tiny["head_log"]
+
+
+def test_loss_position_decay_reaches_the_loss(tiny, tmp_path):
+    """--loss-position-decay is saved with the run and changes what the head learns (same seed and
+    batches as a uniform run); 0 is the default."""
+    heads = {}
+    for decay in (0, 2):
+        argv = ["--stage", "head", "--preset", "tiny", "--data-dir", tiny["data"], "--base-ckpt", tiny["base"],
+                "--out-dir", tmp_path / f"h{decay}", "--max-steps", 2, *CPU]
+        train(argv + (["--loss-position-decay", decay] if decay else []))
+        ckpt = load(tmp_path / f"h{decay}" / "ckpt.pt")
+        assert ckpt["train_config"]["loss_position_decay"] == decay
+        heads[decay] = ckpt["head"]
+    assert any(not torch.equal(heads[0][k], heads[2][k]) for k in heads[0])
 
 
 def test_head_resumes_bit_identically(tiny, tmp_path, monkeypatch):
