@@ -56,7 +56,7 @@ def build_parser():
     p.add_argument("--prompts", default="", help="a prompt file instead (JSONL with a \"prompt\" field, e.g. data/chat_prompts.py's "
                    "held-out split, or blank-line separated text); --num-prompts of them")
     p.add_argument("--chat", action="store_true", help="with --prompts: wrap each in the model's chat format, stop at its end of turn")
-    p.add_argument("--num-prompts", type=int, default=10, help="held-out val prompts")
+    p.add_argument("--num-prompts", type=int, default=10, help="held-out prompts to decode (the first N of --prompts, or val windows of --data-dir)")
     p.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated per prompt")
     p.add_argument("--methods", default="ar,orthrus,draft-model,prompt-lookup", help="compare: which methods (AR always runs)")
@@ -133,7 +133,8 @@ def val_prompts(data_dir, meta, n, length):
 
 
 def machine(device) -> str:
-    return f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    n = torch.get_num_threads()
+    return f"{device}, {n} thread{'s' if n != 1 else ''}, torch {torch.__version__}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,7 +481,8 @@ def suite_compare(args, device):
                                                       if chosen else None)
         results[mode] = {r["label"]: r for r in records}
         title = "Greedy" if not sampling else f"Sampling (temperature {SAMPLING['temperature']}, top-k {SAMPLING['top_k']})"
-        print(f"\n### {title}: {len(prompts)} held-out val prompts x {n_new} new tokens ({results['machine']})\n")
+        print(f"\n### {title}: {len(prompts)} held-out prompt{'s' if len(prompts) != 1 else ''} x {n_new} new tokens "
+              f"({results['machine']})\n")
         print(table(COMPARE_COLUMNS, records))
         warn_if_noisy({r["label"]: r["spread"] for r in records})
 

@@ -95,7 +95,8 @@ def pick_device(requested: str = "auto", verbose: bool = True) -> torch.device:
     elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         device, why = torch.device("mps"), "Apple MPS available"
     else:
-        device, why = torch.device("cpu"), f"no accelerator; {torch.get_num_threads()} CPU threads"
+        n = torch.get_num_threads()
+        device, why = torch.device("cpu"), f"no accelerator; {n} CPU thread{'s' if n != 1 else ''}"
     if verbose:
         print(f"device: {device} ({why})")
     return device
