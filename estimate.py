@@ -27,7 +27,7 @@ MATMUL_EFFICIENCY = 0.4  # share of a GPU's peak that training matmuls of this s
 # On a CPU a whole head step runs at about a third of the bare matmul measured_tflops times (small
 # ops, softmaxes and casts weigh more there). Measured on this project's 2-core VM, one thread, bf16,
 # SmolLM2-135M head K=16 with grouped attention: 512-token rows, 32 anchors, 3.69 s per step against
-# 3.80 s estimated; 1,024-token rows, 64 anchors, 8.24 s against 7.28 s.
+# 3.3-3.8 s estimated; 1,024-token rows, 64 anchors, 8.24 s against 7.2-7.3 s.
 CPU_STEP_EFFICIENCY = 0.33
 
 
@@ -45,6 +45,19 @@ def measured_tflops(device: torch.device, dtype: torch.dtype, d: int) -> float:
     return 2 * 4096 * d * 4 * d / best / 1e12
 
 
+def attention_groups(seq_len: int, draft_len: float, anchors: int) -> tuple:
+    """(groups, mean keys per block query) of chunked_block_attention with the default group size:
+    a query reads its group's prefix, the group's largest anchor (for N sorted uniform anchors in
+    [0, T-K], the j-th of them lies at j/(N+1) of that range on average), and the group's own
+    block tokens."""
+    T, K, N = seq_len, draft_len, anchors
+    group = min(N, default_blocks_per_call(T, round(K)))
+    sizes = [min(group, N - start) for start in range(0, N, group)]  # blocks per call
+    ends = [min(start + group, N) for start in range(0, N, group)]  # the largest anchor's rank
+    keys = sum(n * (last / (N + 1) * (T - K) + n * K) for n, last in zip(sizes, ends)) / N
+    return len(sizes), keys
+
+
 def head_run(c, *, rows_per_process: int, processes: int, grad_accum: int, seq_len: int, draft_len: float,
              anchors: int, max_logits: int, grad_checkpoint: bool, compute_bytes: int, flash_attention: bool) -> dict:
     """Bytes and FLOPs of one optimizer step for base config `c` (a GPTConfig)."""
@@ -55,12 +68,7 @@ def head_run(c, *, rows_per_process: int, processes: int, grad_accum: int, seq_l
     head_params = L * (attn + (2 * c.head_dim if c.qk_norm else 0)) + d
     base_params = L * (attn + mlp + 2 * d) + V * d * (1 if c.tie_embeddings else 2) + d
     R, M = rows_per_process, rows_per_process * N * K  # rows and block tokens per micro-batch and process
-    # keys per block query under chunked_block_attention: its group's prefix (the group's largest
-    # anchor: ~T/2 averaged over groups of sorted random anchors, ~T for a single group) and the
-    # group's own block tokens
-    group = min(N, default_blocks_per_call(T, round(K)))
-    n_groups = math.ceil(N / group)
-    keys = T * (n_groups + 1) / (2 * n_groups) + group * K
+    n_groups, keys = attention_groups(T, K, N)
     mem = {
         "base weights (fp32)": 4 * base_params,
         "head weights, grads, AdamW m and v (fp32)": 16 * head_params,
