@@ -236,7 +236,7 @@ def answer_batch(base, prompts, max_new_tokens: int, sampling: Sampling, stop_id
     answers, stopped = [[] for _ in range(B)], [False] * B
     rows = list(range(B))  # the prompt each batch row answers
     for step in range(max_new_tokens):
-        token = sampling.choose(logits if logits.dtype == torch.float64 else logits.float())  # (B_now,)
+        token = sampling.choose(logits)  # (B_now,); Sampling upcasts low-precision logits itself
         for b, t in zip(rows, token.tolist()):
             if not stopped[b]:
                 answers[b].append(t)
