@@ -811,9 +811,8 @@ def main(argv=None):
                         "further), or pass another --out-dir")
     if not args.resume and cfg.stage == "head" and not cfg.base_ckpt:
         raise UserError("--stage head needs --base-ckpt PATH (a checkpoint from `python train.py --stage base`)")
-    if not args.resume and not os.path.isfile(os.path.join(cfg.data_dir, "meta.json")):
-        raise UserError(f"no {os.path.join(cfg.data_dir, 'meta.json')}: make the folder first (`python data/prepare.py` "
-                        "for a corpus, `python data/self_distill.py` for a model's own answers) or pass the right --data-dir")
+    if not args.resume:
+        read_data_meta(cfg.data_dir)  # a missing or foreign data folder: one line, before any checkpoint is read
     resume_ckpt = None
     if args.resume:
         resume_ckpt = load_checkpoint(ckpt_path(cfg))
