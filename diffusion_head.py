@@ -83,12 +83,14 @@ class DiffusionHead(nn.Module):
     # Training: many anchor blocks of one sequence in one masked forward
 
     def block_logits_for_training(self, base: GPT, idx: torch.Tensor, base_k: list, base_v: list,
-                                  anchors: torch.Tensor, draft_len: int) -> torch.Tensor:
+                                  anchors: torch.Tensor, draft_len: int, mask_first=None) -> torch.Tensor:
         """idx: (B, T) a training sequence; base_k/base_v: per layer (B, Hkv, T, D), the frozen
         base's keys/values over idx (what its KV cache would hold); anchors: (N,) positions s in
         `valid_anchor_range` (each whole block lies inside the sequence). Returns draft logits (B, N, K, vocab)
-        equal to N separate `draft_logits` calls with the cache holding idx[:, :s]."""
-        return base.lm_head(base.norm(self.block_hidden_for_training(base, idx, base_k, base_v, anchors, draft_len)))
+        equal to N separate `draft_logits` calls with the cache holding idx[:, :s] (and, for the
+        blocks flagged in mask_first, the block [MASK x K])."""
+        return base.lm_head(base.norm(self.block_hidden_for_training(base, idx, base_k, base_v, anchors, draft_len,
+                                                                     mask_first=mask_first)))
 
     def forward(self, *args, **kwargs):
         """Training: block_hidden_for_training (a forward, so DistributedDataParallel can wrap the head)."""
@@ -96,18 +98,22 @@ class DiffusionHead(nn.Module):
 
     def block_hidden_for_training(self, base: GPT, idx: torch.Tensor, base_k: list, base_v: list,
                                   anchors: torch.Tensor, draft_len: int, checkpoint_layers: bool = False,
-                                  blocks_per_call: int = 0):
+                                  blocks_per_call: int = 0, mask_first=None):
         """The last hidden states (B, N, K, n_embd) of block_logits_for_training, before the final
         norm and LM head (chunked_head_loss applies those chunk by chunk). checkpoint_layers: keep
         only each layer's input for backward and recompute the rest (less memory, ~1/3 more time).
         blocks_per_call: how many blocks share one attention call (0: default_blocks_per_call; see
-        chunked_block_attention)."""
+        chunked_block_attention). mask_first: optional (N,) bool, blocks that open with MASK instead of
+        x_s: the layout of a draft block prepared before x_s is known (one forward per cycle), whose
+        targets are unchanged (index i still drafts s+i+1)."""
         B, T = idx.shape
         K, N = draft_len, anchors.numel()
         offsets = torch.arange(K, device=idx.device)
         positions = (anchors[:, None] + offsets[None, :]).reshape(N * K)  # absolute position of each block token
         block = torch.full((B, N, K), self.mask_id, dtype=idx.dtype, device=idx.device)
         block[:, :, 0] = idx[:, anchors]  # the pending token x_s opens each block
+        if mask_first is not None:
+            block[:, mask_first.to(idx.device), 0] = self.mask_id  # ... or is not known yet
         x = self.embed_block(base, block.view(B, N * K))  # (B, N*K, n_embd)
         cos, sin = base.rope_cos[positions], base.rope_sin[positions]  # (N*K, D)
         calls = attention_calls(anchors, T, K, blocks_per_call or default_blocks_per_call(T, K))

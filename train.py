@@ -82,6 +82,9 @@ class TrainConfig:
     loss_position_decay: float = config_field(0.0, "head: weight block index i by exp(-i / decay) in the training loss, "
                                               "rescaled to mean 1 (0 = uniform, the paper's objective; an ablation, "
                                               "not in the paper)")
+    mask_first: float = config_field(0.0, "head: fraction of training blocks that open with MASK instead of the "
+                                     "pending token (the layout of a block drafted before that token is known, for "
+                                     "one-forward-per-cycle decoding; 0 = the paper's blocks only)")
     loss_chunk_logits: int = config_field(1 << 24, "head: draft logits (blocks x K x vocab) computed at once in the loss; "
                                           "chunks are recomputed in backward (0 = all at once)")
     grad_checkpoint: bool = config_field(False, "head: recompute each layer's activations in backward (less memory)")
@@ -532,7 +535,7 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
                                      else 0, None if usable is None else usable.any(0))
         return idx, anchors, None if usable is None else usable[:, anchors].float()
 
-    def block_loss(idx, anchors, weight, K, global_blocks=None, position_decay=0.0):
+    def block_loss(idx, anchors, weight, K, global_blocks=None, position_decay=0.0, mask_first=None):
         """The head's loss on these rows. Under data parallelism it is scaled to this rank's share of
         the global batch's counted blocks (global_blocks), so that the ranks' averaged gradients are
         those of the global mean; in one process the factor is exactly 1. Evaluation keeps
@@ -544,7 +547,7 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
             with torch.no_grad():  # the frozen base: no graph, no gradient for its keys and values
                 teacher, ks, vs = base_kv_and_logits(base, idx)
                 teacher_logp = F.log_softmax(teacher.float(), dim=-1)  # once per position, shared by its blocks
-            hidden = trainable(base, idx, ks, vs, anchors, K, cfg.grad_checkpoint)  # the head, maybe DDP-wrapped
+            hidden = trainable(base, idx, ks, vs, anchors, K, cfg.grad_checkpoint, mask_first=mask_first)  # maybe DDP
             loss, agree = chunked_head_loss(base, hidden, teacher_logp, idx, anchors, cfg.loss, weight,
                                             cfg.loss_chunk_logits, position_decay)
         if global_blocks is not None:
@@ -559,22 +562,28 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
         idx, anchors, weight = plan_blocks(data.train_windows(cfg.batch_size, seq_len, gen), K, cfg.anchors, gen, anchors)
         global_blocks = anchors.numel() * idx.size(0) if weight is None else float(weight.sum())
         idx, weight = RANKS.rows((idx, weight))
-        return block_loss(idx, anchors, weight, K, global_blocks, cfg.loss_position_decay)[0]
+        # drawn only when asked for, so runs without MASK-first blocks keep their random stream
+        mask_first = torch.rand(anchors.numel(), generator=gen) < cfg.mask_first if cfg.mask_first > 0 else None
+        return block_loss(idx, anchors, weight, K, global_blocks, cfg.loss_position_decay, mask_first)[0]
 
     @torch.no_grad()
     def evaluate(step):
         head.eval()
-        for K in draft_lens:
+        layouts = [False, True] if cfg.mask_first > 0 else [False]  # blocks opening with x_s, with MASK
+        for K, opens_with_mask in ((K, m) for K in draft_lens for m in layouts):
             g = torch.Generator().manual_seed(12345)
             losses, agree = [], 0
             for _ in range(cfg.eval_batches):
-                loss, a = block_loss(*plan_blocks(data.val_windows(cfg.batch_size, seq_len, g), K, "aligned", g), K)
+                idx, anchors, weight = plan_blocks(data.val_windows(cfg.batch_size, seq_len, g), K, "aligned", g)
+                flags = torch.full((anchors.numel(),), True) if opens_with_mask else None
+                loss, a = block_loss(idx, anchors, weight, K, mask_first=flags)
                 losses.append(loss.item())
                 agree = agree + a.mean(0)  # (K-1,) agreement at each block index
             agree = agree / cfg.eval_batches  # (aligned anchors: the same blocks in every batch)
             shown = " ".join(f"{x:.2f}" for x in agree[:8].tolist()) + (" ..." if K - 1 > 8 else "")
-            print(f"eval step {step}: K={K} val {cfg.loss} {sum(losses) / len(losses):.4f} | agreement by index "
-                  f"{shown} | expected tokens/cycle {expected_tokens_per_cycle(agree):.2f}", flush=True)
+            print(f"eval step {step}: K={K}{' MASK-first' if opens_with_mask else ''} val {cfg.loss} "
+                  f"{sum(losses) / len(losses):.4f} | agreement by index {shown} | expected tokens/cycle "
+                  f"{expected_tokens_per_cycle(agree):.2f}", flush=True)
         head.train()
 
     def save(step):
@@ -722,6 +731,7 @@ def check_train_config(cfg: TrainConfig):
     need(is_num("min_lr_ratio") and 0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio",
          "in [0, 1] (the final learning rate as a fraction of --lr)")
     need(is_num("weight_decay") and cfg.weight_decay >= 0, "weight_decay", "a finite number >= 0")
+    need(is_num("mask_first") and 0 <= cfg.mask_first <= 1, "mask_first", "a fraction in [0, 1]")
     need(is_num("loss_position_decay") and cfg.loss_position_decay >= 0, "loss_position_decay",
          "a finite number >= 0 (0 = uniform)")
     for name in ("beta1", "beta2"):

@@ -76,6 +76,36 @@ def test_training_path_equals_inference_path_float64():
         torch.testing.assert_close(train_logits[:, j], infer, rtol=0, atol=1e-12)
 
 
+def test_mask_first_blocks_train_like_a_draft_pass_over_an_all_mask_block_float64():
+    """A block flagged mask_first is [MASK x K] at positions s..s+K-1 (x_s not known yet): the
+    training path must equal draft_logits on that block with the cache holding [0, s), and the
+    unflagged blocks of the same forward must stay the usual [x_s, MASK x (K-1)]."""
+    base, head = tiny_pair()
+    torch.manual_seed(2)
+    B, T, K = 2, 40, 5
+    idx = torch.randint(0, MASK_ID, (B, T))
+    _, ks, vs = base_kv(base, idx)
+    anchors = torch.tensor([0, 3, 11, 20, T - K])
+    flags = torch.tensor([True, False, True, False, True])
+    with torch.no_grad():
+        train_logits = head.block_logits_for_training(base, idx, ks, vs, anchors, K, mask_first=flags)
+        plain = head.block_logits_for_training(base, idx, ks, vs, anchors, K)
+    for j, s in enumerate(anchors.tolist()):
+        cache = base.new_cache(batch_size=B)
+        with torch.no_grad():
+            if s > 0:
+                base(idx[:, :s], cache)
+            block = torch.full((B, K), MASK_ID)
+            if not flags[j]:
+                block[:, 0] = idx[:, s]
+            infer = head.draft_logits(base, cache, block)
+        torch.testing.assert_close(train_logits[:, j], infer, rtol=0, atol=1e-12)
+        if flags[j]:  # the flag changes the block: a MASK where x_s was gives other logits
+            assert (train_logits[:, j] - plain[:, j]).abs().max() > 1e-6
+        else:
+            torch.testing.assert_close(train_logits[:, j], plain[:, j], rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("expand_kv_heads", [False, True])
 def test_grouped_training_attention_equals_one_masked_call_float64(expand_kv_heads):
     """chunked_block_attention, any grouping, with or without repeating the key/value heads (what

@@ -374,6 +374,25 @@ def test_loss_position_decay_reaches_the_loss(tiny, tmp_path):
     assert any(not torch.equal(heads[0][k], heads[2][k]) for k in heads[0])
 
 
+def test_mask_first_blocks_are_trained_and_evaluated(tiny, tmp_path, capsys):
+    """--mask-first F makes a fraction of the training blocks open with MASK (the layout of a block
+    drafted before its first token is known): saved with the run, it changes what the head learns
+    from the same batches, and evaluation reports both layouts."""
+    heads = {}
+    for fraction in (0, 0.5):
+        argv = ["--stage", "head", "--preset", "tiny", "--data-dir", tiny["data"], "--base-ckpt", tiny["base"],
+                "--out-dir", tmp_path / f"h{fraction}", "--max-steps", 2, "--eval-interval", 2, *CPU]
+        _, log = train(argv + (["--mask-first", fraction] if fraction else []))
+        ckpt = load(tmp_path / f"h{fraction}" / "ckpt.pt")
+        assert ckpt["train_config"]["mask_first"] == fraction
+        heads[fraction] = ckpt["head"]
+    assert re.findall(r"eval step 2: K=(\d+) MASK-first val kl", log) == ["4", "6"], log
+    assert any(not torch.equal(heads[0][k], heads[0.5][k]) for k in heads[0])
+    assert "must be a fraction in [0, 1]" in expect_user_error(
+        train_script.main, ["--stage", "head", "--preset", "tiny", "--data-dir", tiny["data"], "--base-ckpt", tiny["base"],
+                     "--out-dir", str(tmp_path / "bad"), "--mask-first", "1.5"], capsys)
+
+
 def test_head_resumes_bit_identically(tiny, tmp_path, monkeypatch):
     out = tmp_path / "head"
     argv = ["--stage", "head", "--preset", "tiny", "--data-dir", tiny["data"], "--base-ckpt", tiny["base"],
