@@ -76,6 +76,31 @@ def greedy_verify(draft_tokens: torch.Tensor, target_argmax: torch.Tensor) -> tu
     return n, token
 
 
+def greedy_verify_tree(draft_tokens: list, parents: list, target_argmax: list) -> tuple[list, int]:
+    """Greedy verification of a token tree: the deepest root-to-node path whose every token equals
+    the AR argmax after its own ancestors, plus the AR argmax after that path.
+
+    draft_tokens[i], parents[i]: node i's token and its parent node (-1: the root x_s; parents
+    come before their children). target_argmax[0] is the AR argmax after the root,
+    target_argmax[i + 1] the one after node i (the verify pass saw each node's path only).
+    Returns (path, next_token): the accepted nodes from the root down, and the bonus or
+    correction. A chain (parents = -1, 0, 1, ...) gives exactly greedy_verify's answer.
+    Exact for the same reason as the chain: every accepted token is greedy AR's next token given
+    the accepted tokens before it, and at most one child of a node can equal its argmax (siblings
+    carry distinct tokens), so the path is unique."""
+    children = {}
+    for node, parent in enumerate(parents):
+        children.setdefault(parent, []).append(node)
+    path, node = [], -1
+    while True:
+        wanted = target_argmax[node + 1]
+        match = [c for c in children.get(node, ()) if draft_tokens[c] == wanted]
+        if not match:
+            return path, wanted
+        node = match[0]
+        path.append(node)
+
+
 def acceptance_probability(p_target_x: torch.Tensor, p_draft_x: torch.Tensor) -> torch.Tensor:
     """min(1, p_target_x / p_draft_x), elementwise: the chance of keeping a drafted token x.
 

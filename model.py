@@ -108,6 +108,16 @@ class KVCache:
             raise RuntimeError(f"cannot crop the KV cache to {n}: it holds {self.length} positions")
         self.length = n
 
+    def keep(self, start: int, slots: list):
+        """Move the K/V of `slots` (increasing, each >= its target) to [start, start + len(slots)) and
+        crop there: after a token tree was verified, the accepted root-to-leaf path becomes the
+        contiguous continuation of the cache and every other branch is dropped."""
+        if slots != list(range(start, start + len(slots))):
+            source = torch.tensor(slots, device=self.k.device)
+            self.k[:, :, :, start : start + len(slots)] = self.k[:, :, :, source]  # gathered (a copy), then written
+            self.v[:, :, :, start : start + len(slots)] = self.v[:, :, :, source]
+        self.crop(start + len(slots))
+
 
 def kv_bytes(config: GPTConfig, positions: int, dtype=torch.float32) -> int:
     """Bytes of K and V for `positions` tokens, all layers: a cache's size, or one draft block's (K)."""
@@ -169,6 +179,21 @@ def offset_causal_mask(n_past: int, n_new: int, device=None, pad=None):
     if pad is not None:
         visible = visible & ((key_pos >= pad.view(-1, 1, 1, 1)) | (key_pos == query_pos))
     return visible
+
+
+def tree_layout(parents: list, device=None):
+    """A token tree verified in one pass: new token 0 is the root, token i+1 is node i whose parent
+    is token parents[i] + 1 (parents[i] = -1: the root). Each new token sits at position n_past +
+    its depth and sees the cache and its own root-to-node path (ancestors and itself), so its
+    output equals that of an ordinary causal pass over the path alone. Returns (depth (T,) long,
+    sees (T, T) bool), T = len(parents) + 1."""
+    T = len(parents) + 1
+    depth = [0] * T
+    sees = torch.eye(T, dtype=torch.bool)
+    for i, parent in enumerate(parents):  # parents come before their children
+        depth[i + 1] = depth[parent + 1] + 1
+        sees[i + 1] |= sees[parent + 1]
+    return torch.tensor(depth, device=device), sees.to(device)
 
 
 class Attention(nn.Module):
@@ -286,10 +311,12 @@ class GPT(nn.Module):
         p = self.lm_head.weight
         return KVCache(self.config, batch_size, capacity or self.config.context_len, device=p.device, dtype=p.dtype)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *, logits: str = "all", pad=None):
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *, logits: str = "all", pad=None, tree=None):
         """idx: (B, T) token ids at positions [n_past, n_past + T), n_past = cache.length (0 without
         a cache). With a cache, their K/V are appended and cache.length advances by T.
         pad: (B,) left-padding per row, for batches of prompts of different lengths (offset_causal_mask).
+        tree: (depth, sees) from tree_layout: the T tokens are a token tree, not a sequence (token i
+        at position n_past + depth[i], attending to the cache and to the tokens sees[i] marks).
 
         logits: "all" -> (B, T, vocab) for every position (training, verification);
                 "last" -> (B, 1, vocab) for the last position only (prefill before decoding).
@@ -301,6 +328,10 @@ class GPT(nn.Module):
         x = self.embed_tokens(idx)  # (B, T, n_embd)
         cos, sin = self.rope_cos[n_past : n_past + T], self.rope_sin[n_past : n_past + T]  # (T, head_dim)
         mask = offset_causal_mask(n_past, T, idx.device, pad) if pad is not None or (cache and T > 1) else None
+        if tree is not None:
+            depth, sees = tree
+            cos, sin = self.rope_cos[n_past + depth], self.rope_sin[n_past + depth]  # (T, head_dim)
+            mask = torch.cat([sees.new_ones(T, n_past), sees], dim=1)  # (T, n_past + T)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, mask)
         if cache is not None:

@@ -35,6 +35,7 @@ memory, and the diffusion view holds one block's K/V only while its pass runs
 its prefill, the diffusion view's draft pass (`DiffusionDrafter.propose`), then plain AR.
 """
 
+import heapq
 import math
 import time
 from typing import NamedTuple
@@ -42,11 +43,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from consensus import greedy_verify, speculative_verify
+from consensus import greedy_verify, greedy_verify_tree, speculative_verify
 from decoding import start_decode, sync_device
 from diffusion_head import DiffusionHead
 from errors import UserError
-from model import GPT, kv_bytes
+from model import GPT, kv_bytes, tree_layout
 from sampling import GREEDY, Sampling, greedy
 
 
@@ -54,6 +55,7 @@ class Proposal(NamedTuple):
     tokens: torch.Tensor  # (n,) long: drafts d_1..d_n for positions s+1..s+n
     p_draft: torch.Tensor | None  # (n, V): the distribution each draft was drawn from; None = deterministic
     passes: int  # forward passes the drafter spent on them
+    parents: list | None = None  # a token tree: node i continues node parents[i] (-1: x_s); None = a chain
 
 
 NO_DRAFTS = Proposal(torch.zeros(0, dtype=torch.long), None, 0)  # a cycle with room for one token
@@ -71,7 +73,9 @@ def generate_speculative(base: GPT, drafter, prompt: list, max_new_tokens: int, 
     distribution when sampling. on_cycle(dict) receives each cycle's drafts, accepted count and
     next token (sample.py --trace). Returns (new token ids, DecodeStats)."""
     committed, stats = start_decode(base, prompt, max_new_tokens, eos_ids, on_tokens, drafter.name)
-    cache, pending, stats.prefill_seconds = prefill(base, prompt, committed.limit, sampling)  # AR view only
+    # a token tree's verify block may be wider than the tokens a cycle can commit: room for it
+    spare = getattr(drafter, "max_tree_nodes", 0)
+    cache, pending, stats.prefill_seconds = prefill(base, prompt, committed.limit + spare, sampling)  # AR view only
     drafter.start(prompt, len(prompt) + committed.limit)
     t0 = time.perf_counter()
     done = committed.add([pending])
@@ -81,42 +85,53 @@ def generate_speculative(base: GPT, drafter, prompt: list, max_new_tokens: int, 
         n = min(drafter.max_drafts, committed.room - 1)  # a cycle commits at most n + 1 tokens
 
         # 1. Draft n tokens for positions s+1..s+n (the diffusion view: one pass, cache only read).
-        drafts, p_draft, draft_passes = drafter.propose(cache, committed.sequence, n, sampling) if n else NO_DRAFTS
+        #    A tree drafter proposes several candidates per position, each node continuing its parent.
+        drafts, p_draft, draft_passes, parents = drafter.propose(cache, committed.sequence, n, sampling) if n else NO_DRAFTS
         drafts = drafts.to(cache.k.device)
         n = drafts.numel()  # prompt lookup may find fewer
 
-        # 2. Verify: one pass of the AR view over [x_s, d_1..d_n]; writes cache[s, s+n+1).
+        # 2. Verify: one pass of the AR view over [x_s, d_1..d_n]; writes cache[s, s+n+1). A tree is
+        #    verified in the same single pass, each node seeing only its own path (model.tree_layout).
         block = torch.cat([drafts.new_tensor([pending]), drafts]).view(1, n + 1)
-        target_logits = base(block, cache, logits="all")[0]  # (n+1, V): row i -> position s+i+1
+        tree = None if parents is None else tree_layout(parents, block.device)
+        target_logits = base(block, cache, logits="all", tree=tree)[0]  # (n+1, V): row i follows block token i
 
-        # 3. Consensus: the longest agreed prefix + one token from the AR view.
-        if sampling.is_greedy:
+        # 3. Consensus: the longest agreed prefix (a tree: path) + one token from the AR view.
+        if parents is not None:  # tree drafters propose trees only when greedy
+            path, next_token = greedy_verify_tree(drafts.tolist(), parents, greedy(target_logits).tolist())
+        elif sampling.is_greedy:
             n_accepted, next_token = greedy_verify(drafts, greedy(target_logits))
+            path = list(range(n_accepted))
         else:
             p_target = sampling.probs(target_logits)
             if p_draft is None:  # a deterministic proposal is a point mass: d is kept w.p. p_target(d)
                 p_draft = F.one_hot(drafts, p_target.size(1)).to(p_target.dtype)
             n_accepted, next_token = speculative_verify(drafts, p_draft, p_target, sampling.generator)
+            path = list(range(n_accepted))
 
-        # 4. Commit and crop: x_s and the accepted drafts stay in the cache; next_token is pending.
-        cache.crop(s + 1 + n_accepted)
+        # 4. Commit and crop: x_s and the accepted drafts stay in the cache (a tree's accepted path
+        #    is moved next to x_s, its other branches dropped); next_token is pending.
+        n_accepted = len(path)
+        cache.keep(s + 1, [s + 1 + node for node in path])
         drafter.rollback(s + 1 + n_accepted)
-        done = committed.add(drafts[:n_accepted].tolist() + [next_token])
+        accepted = [int(t) for t in drafts[path].tolist()] if path else []
+        done = committed.add(accepted + [next_token])
         pending = next_token
 
         stats.record_cycle(drafted=n, accepted=n_accepted, passes=draft_passes + 1)
         if on_cycle is not None:
-            on_cycle({"pending": int(block[0, 0]), "drafts": drafts.tolist(), "accepted": n_accepted, "next": next_token})
+            on_cycle({"pending": int(block[0, 0]), "drafts": drafts.tolist(), "accepted": n_accepted, "next": next_token,
+                      "parents": parents, "path": path})
     sync_device(cache.k.device)
     stats.decode_seconds = time.perf_counter() - t0
     return committed.tokens, stats
 
 
 def generate_orthrus(base: GPT, head: DiffusionHead, prompt: list, max_new_tokens: int, draft_len: int = 16,
-                     denoise_steps: int = 1, **kwargs):
+                     denoise_steps: int = 1, tree_nodes: int = 0, tree_width: int = 4, **kwargs):
     """Orthrus decoding: `generate_speculative` with the diffusion view as the drafter."""
-    return generate_speculative(base, DiffusionDrafter(base, head, draft_len, denoise_steps), prompt,
-                                max_new_tokens, **kwargs)
+    drafter = DiffusionDrafter(base, head, draft_len, denoise_steps, tree_nodes, tree_width)
+    return generate_speculative(base, drafter, prompt, max_new_tokens, **kwargs)
 
 
 def prefill(base: GPT, prompt: list, limit: int, sampling: Sampling, use_cache: bool = True):
@@ -142,13 +157,18 @@ class DiffusionDrafter:
 
     name = "orthrus"
 
-    def __init__(self, base: GPT, head: DiffusionHead, draft_len: int = 16, denoise_steps: int = 1):
+    def __init__(self, base: GPT, head: DiffusionHead, draft_len: int = 16, denoise_steps: int = 1,
+                 tree_nodes: int = 0, tree_width: int = 4):
         if draft_len < 2:
             raise UserError(f"draft length must be >= 2 (the pending token plus at least one draft), got {draft_len}")
         if denoise_steps < 1:
             raise UserError(f"denoise steps must be >= 1, got {denoise_steps}")
+        if tree_nodes < 0 or tree_width < 1 or (tree_nodes and denoise_steps > 1):
+            raise UserError(f"a token tree needs --tree-nodes >= 1, --tree-width >= 1 and one denoising step, got "
+                            f"{tree_nodes} nodes, width {tree_width}, {denoise_steps} steps")
         self.base, self.head = base, head
         self.max_drafts, self.denoise_steps = draft_len - 1, denoise_steps
+        self.max_tree_nodes, self.tree_width = tree_nodes, tree_width
 
     @torch.no_grad()
     def propose(self, cache, sequence: list, n: int, sampling: Sampling) -> Proposal:
@@ -157,6 +177,9 @@ class DiffusionDrafter:
         if self.denoise_steps > 1:
             return self._denoise_in_several_steps(cache, block, sampling)
         logits = self.head.draft_logits(self.base, cache, block)[0, :n]  # row j drafts block index j+1
+        if sampling.is_greedy and self.max_tree_nodes:
+            tokens, parents = best_first_tree(torch.softmax(logits.float(), -1), self.max_tree_nodes, self.tree_width)
+            return Proposal(torch.tensor(tokens, device=block.device), None, 1, parents)
         if sampling.is_greedy:
             return Proposal(greedy(logits), None, 1)
         p_draft = sampling.probs(logits)
@@ -212,6 +235,29 @@ class DiffusionDrafter:
         """K/V of one draft block (all layers), alive only while the draft pass runs; it does not
         grow with the context."""
         return kv_bytes(self.base.config, self.max_drafts + 1, self.base.lm_head.weight.dtype)
+
+
+def best_first_tree(probs: torch.Tensor, n_nodes: int, width: int) -> tuple[list, list]:
+    """A token tree from one draft pass: probs (n, V) are the head's distributions for positions
+    s+1..s+n. Candidates at depth j are the `width` most likely tokens of row j-1, and a node's
+    score is the product of the probabilities on its path. The n_nodes highest-scoring nodes are
+    taken best first (a node's score never exceeds its parent's, so every taken node's parent was
+    taken before it). Greedy decoding only: sampled drafting keeps the chain, whose exact
+    acceptance rule is the one in consensus.py. Returns (tokens, parents), parents[i] = -1 for x_s."""
+    top_p, top_t = probs.topk(min(width, probs.size(-1)), dim=-1)  # (n, width), best first
+    top_p, top_t = top_p.tolist(), top_t.tolist()
+    tokens, parents = [], []
+    frontier = [(-top_p[0][0], -1, 0, 0, 1.0)]  # (-score, parent node, depth - 1, rank, parent's score)
+    while frontier and len(tokens) < n_nodes:
+        negative_score, parent, d, rank, parent_score = heapq.heappop(frontier)
+        node, score = len(tokens), -negative_score
+        tokens.append(top_t[d][rank])
+        parents.append(parent)
+        if rank + 1 < len(top_p[d]):  # its next sibling
+            heapq.heappush(frontier, (-parent_score * top_p[d][rank + 1], parent, d, rank + 1, parent_score))
+        if d + 1 < len(top_p):  # its best child
+            heapq.heappush(frontier, (-score * top_p[d + 1][0], node, d + 1, 0, score))
+    return tokens, parents
 
 
 # ---------------------------------------------------------------------------------------------

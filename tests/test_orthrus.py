@@ -10,7 +10,9 @@ import torch
 from diffusion_head import DiffusionHead, choose_anchors, head_loss
 from model import GPT, GPTConfig
 from errors import UserError
-from orthrus import DiffusionDrafter, generate, generate_orthrus, generate_speculative
+from consensus import greedy_verify, greedy_verify_tree
+from model import tree_layout
+from orthrus import DiffusionDrafter, Proposal, best_first_tree, generate, generate_orthrus, generate_speculative
 from sampling import Sampling, logits_to_probs
 
 V, MASK = 24, 23
@@ -64,7 +66,7 @@ class OracleDrafter(DiffusionDrafter):
         cache.k.copy_(k)
         cache.v.copy_(v)
         cache.crop(saved_length)
-        return torch.tensor(drafts), None, 1
+        return Proposal(torch.tensor(drafts), None, 1)
 
 
 def ar_reference(model, prompt, n):
@@ -302,3 +304,154 @@ def test_sampled_multi_step_denoising_matches_ar_distribution():
     for cont, p in exact.items():
         freq = counts.get(cont, 0) / N
         assert abs(freq - p) <= 5 * math.sqrt(p * (1 - p) / N) + 1e-3, (cont, freq, p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token trees: one verify pass over several candidates per position (greedy)
+
+
+def random_tree(n_nodes, seed):
+    g = torch.Generator().manual_seed(seed)
+    parents = [-1]
+    for i in range(1, n_nodes):
+        parents.append(int(torch.randint(-1, i, (1,), generator=g)))  # any earlier node, or the root
+    tokens = torch.randint(0, V - 1, (n_nodes,), generator=g).tolist()
+    return tokens, parents
+
+
+def path_to(node, parents):
+    path = []
+    while node != -1:
+        path.append(node)
+        node = parents[node]
+    return path[::-1]
+
+
+def test_tree_verify_pass_equals_a_causal_pass_over_each_path_float64():
+    """Every node's logits in the one tree pass equal a plain cached forward over the prompt + its
+    root-to-node path: the tree mask and the depth positions are right (an off-by-one in either
+    changes the logits). Then keeping one path leaves the cache a fresh prefill would build."""
+    base, _ = random_orthrus()
+    prompt = [3, 7, 1, 9, 4]
+    tokens, parents = random_tree(9, seed=5)
+    root = 11
+    cache = base.new_cache()
+    with torch.no_grad():
+        base(torch.tensor([prompt]), cache)
+        s = cache.length
+        block = torch.tensor([[root] + tokens])
+        tree_logits = base(block, cache, tree=tree_layout(parents))[0]  # (10, V)
+    for row, node in enumerate([-1] + list(range(len(tokens)))):
+        path = [] if node == -1 else path_to(node, parents)
+        ref = base(torch.tensor([prompt + [root] + [tokens[i] for i in path]]), logits="last")[0, -1]
+        torch.testing.assert_close(tree_logits[row], ref, rtol=0, atol=1e-10)
+    deepest = max(range(len(tokens)), key=lambda i: len(path_to(i, parents)))
+    path = path_to(deepest, parents)
+    assert path != list(range(len(path)))  # the kept path is not already in place: slots move
+    cache.keep(s + 1, [s + 1 + i for i in path])
+    assert cache.length == s + 1 + len(path)
+    fresh = base.new_cache()
+    base(torch.tensor([prompt + [root] + [tokens[i] for i in path]]), fresh)
+    torch.testing.assert_close(cache.k[:, :, :, : cache.length], fresh.k[:, :, :, : cache.length], rtol=0, atol=1e-12)
+    torch.testing.assert_close(cache.v[:, :, :, : cache.length], fresh.v[:, :, :, : cache.length], rtol=0, atol=1e-12)
+
+
+def test_tree_layout_depths_and_ancestors():
+    depth, sees = tree_layout([-1, 0, -1, 1, 2])  # root; nodes 0..4 -> tokens 1..5
+    assert depth.tolist() == [0, 1, 2, 1, 3, 2]
+    assert sees.int().tolist() == [[1, 0, 0, 0, 0, 0],
+                                   [1, 1, 0, 0, 0, 0],
+                                   [1, 1, 1, 0, 0, 0],
+                                   [1, 0, 0, 1, 0, 0],
+                                   [1, 1, 1, 0, 1, 0],
+                                   [1, 0, 0, 1, 0, 1]]
+
+
+def test_greedy_verify_tree_on_chains_equals_greedy_verify():
+    g = torch.Generator().manual_seed(0)
+    for n in range(0, 7):
+        for _ in range(30):
+            drafts = torch.randint(0, 3, (n,), generator=g)
+            target = torch.randint(0, 3, (n + 1,), generator=g)
+            n_acc, nxt = greedy_verify(drafts, target)
+            path, nxt_tree = greedy_verify_tree(drafts.tolist(), list(range(-1, n - 1)), target.tolist())
+            assert (path, nxt_tree) == (list(range(n_acc)), nxt)
+
+
+def test_greedy_verify_tree_follows_the_matching_branch():
+    #        root(argmax 5)
+    #        /      \
+    #   n0:4        n1:5 (argmax 8)
+    #                |     \
+    #            n2:7       n3:8 (argmax 2)
+    tokens, parents = [4, 5, 7, 8], [-1, -1, 1, 1]
+    target = [5, 0, 8, 0, 2]  # after root, after n0, after n1, after n2, after n3
+    assert greedy_verify_tree(tokens, parents, target) == ([1, 3], 2)
+    assert greedy_verify_tree(tokens, parents, [6, 0, 8, 0, 2]) == ([], 6)  # no child matches: correction
+
+
+def test_best_first_tree_takes_the_most_probable_nodes():
+    """Against brute force: every rank vector (r_1..r_d), r < width, is a node with score
+    prod p_j(rank r_j); the tree must hold exactly the n_nodes best (no ties with random probs)."""
+    torch.manual_seed(0)
+    n, width, vocab = 4, 3, 10
+    probs = torch.softmax(torch.randn(n, vocab) * 2, -1).double()
+    top_p, top_t = probs.topk(width, -1)
+    scored = []
+    for d in range(1, n + 1):
+        for ranks in itertools.product(range(width), repeat=d):
+            score = math.prod(top_p[j, r].item() for j, r in enumerate(ranks))
+            scored.append((score, tuple(top_t[j, r].item() for j, r in enumerate(ranks))))
+    scored.sort(reverse=True)
+    for n_nodes in (1, 5, 12, 30):
+        tokens, parents = best_first_tree(probs, n_nodes, width)
+        assert len(tokens) == n_nodes and all(p < i for i, p in enumerate(parents))
+        got = {tuple(tokens[i] for i in path_to(node, parents)) for node in range(n_nodes)}
+        assert got == {path for _, path in scored[:n_nodes]}
+
+
+@pytest.mark.parametrize("draft_len,nodes,width", [(2, 3, 3), (4, 8, 2), (6, 20, 4)])
+def test_tree_greedy_equals_ar_float64(draft_len, nodes, width):
+    """Greedy decoding with token trees is AR's greedy output token for token, and some cycles
+    accept a path that leaves the chain of top-1 drafts (the branches are really used)."""
+    model = random_orthrus()
+    off_chain = 0
+    for seed in range(3):
+        torch.manual_seed(200 + seed)
+        prompt = torch.randint(0, V - 1, (4 + seed,)).tolist()
+
+        def watch(c):
+            nonlocal off_chain
+            if not c["parents"]:
+                return  # a last cycle with room for one token drafts nothing
+            chain, node = [], -1  # the top-1 drafts: each node's first (most probable) child
+            while node in c["parents"]:
+                node = c["parents"].index(node)
+                chain.append(node)
+            off_chain += c["path"] != chain[: len(c["path"])]
+
+        out, stats = generate_orthrus(*model, prompt, 30, draft_len=draft_len, tree_nodes=nodes, tree_width=width,
+                                      on_cycle=watch)
+        assert out == ar_reference(model, prompt, 30)
+        assert stats.tokens_per_cycle >= 1
+    assert off_chain > 0
+
+
+def test_tree_greedy_equals_ar_near_the_context_limit():
+    """A tree wider than the tokens left: the cache has room for the whole verify block."""
+    model = random_orthrus(context_len=24)
+    prompt = list(range(1, 13))
+    out, _ = generate_orthrus(*model, prompt, 30, draft_len=6, tree_nodes=16, tree_width=3)
+    assert out == ar_reference(model, prompt, 30) and len(out) == 12
+
+
+def test_sampling_with_a_tree_drafter_keeps_the_chain():
+    """Trees are for greedy decoding; sampled decoding with the same drafter drafts a chain (its
+    exact acceptance rule), so its output is the chain drafter's, draw for draw."""
+    model = random_orthrus()
+    prompt = [1, 2, 3]
+    runs = []
+    for nodes in (0, 12):
+        s = Sampling(temperature=1.0, generator=torch.Generator().manual_seed(7))
+        runs.append(generate_orthrus(*model, prompt, 25, draft_len=4, tree_nodes=nodes, sampling=s)[0])
+    assert runs[0] == runs[1]
