@@ -94,7 +94,10 @@ def generate_speculative(base: GPT, drafter, prompt: list, max_new_tokens: int, 
         #    verified in the same single pass, each node seeing only its own path (model.tree_layout).
         block = torch.cat([drafts.new_tensor([pending]), drafts]).view(1, n + 1)
         tree = None if parents is None else tree_layout(parents, block.device)
-        target_logits = base(block, cache, logits="all", tree=tree)[0]  # (n+1, V): row i follows block token i
+        if getattr(drafter, "verify", None) is not None:  # it drafts the next block in this same pass
+            target_logits = drafter.verify(cache, block)
+        else:
+            target_logits = base(block, cache, logits="all", tree=tree)[0]  # (n+1, V): row i follows block token i
 
         # 3. Consensus: the longest agreed prefix (a tree: path) + one token from the AR view.
         if parents is not None:  # tree drafters propose trees only when greedy
@@ -235,6 +238,48 @@ class DiffusionDrafter:
         """K/V of one draft block (all layers), alive only while the draft pass runs; it does not
         grow with the context."""
         return kv_bytes(self.base.config, self.max_drafts + 1, self.base.lm_head.weight.dtype)
+
+
+class FusedDiffusionDrafter(DiffusionDrafter):
+    """One forward per cycle: the verify pass of block n also drafts block n+1, for each acceptance
+    j in `foresee` (and "all accepted"), as [MASK x K] blocks that start where the bonus will stand
+    (DiffusionHead.verify_and_draft). When the actual acceptance was foreseen, the next cycle's
+    drafts cost no pass of their own; otherwise a separate draft pass runs as usual. Exactness is
+    untouched: the AR view still verifies every token, and a prepared block's distribution depends
+    on committed tokens only, so speculative sampling stays exact with it as p_draft."""
+
+    name = "orthrus-fused"
+
+    def __init__(self, base: GPT, head: DiffusionHead, draft_len: int = 16, foresee=(0, 1, 2)):
+        super().__init__(base, head, draft_len)
+        self.foresee = sorted(set(foresee))
+        self.prepared = {}  # position of the next pending token -> its block's draft logits (K, V)
+
+    def verify(self, cache, block: torch.Tensor) -> torch.Tensor:
+        s, n, K = cache.length, block.size(1) - 1, self.max_drafts + 1
+        # blocks that would run past the model's context are not prepared
+        starts = [j for j in sorted({j for j in self.foresee if j < n} | {n}) if s + j + K < self.base.config.context_len]
+        if not starts:
+            self.prepared = {}
+            return self.base(block, cache, logits="all")[0]
+        ar_logits, draft_logits = self.head.verify_and_draft(self.base, cache, block, starts, self.max_drafts + 1)
+        self.prepared = {s + 1 + j: logits for j, logits in zip(starts, draft_logits)}
+        return ar_logits
+
+    @torch.no_grad()
+    def propose(self, cache, sequence: list, n: int, sampling: Sampling) -> Proposal:
+        logits = self.prepared.pop(cache.length, None)
+        self.prepared = {}
+        if logits is None:  # this acceptance was not foreseen: an ordinary draft pass
+            return super().propose(cache, sequence, n, sampling)
+        logits = logits[:n]  # row i drafts position s+i+1, s = the pending token's position
+        if sampling.is_greedy:
+            return Proposal(greedy(logits), None, 0)
+        p_draft = sampling.probs(logits)
+        return Proposal(sampling.draw(p_draft), p_draft, 0)
+
+    def start(self, prompt: list, capacity: int) -> None:
+        self.prepared = {}
 
 
 def best_first_tree(probs: torch.Tensor, n_nodes: int, width: int) -> tuple[list, list]:

@@ -12,7 +12,7 @@ from model import GPT, GPTConfig
 from errors import UserError
 from consensus import greedy_verify, greedy_verify_tree
 from model import tree_layout
-from orthrus import DiffusionDrafter, Proposal, best_first_tree, generate, generate_orthrus, generate_speculative
+from orthrus import DiffusionDrafter, FusedDiffusionDrafter, Proposal, best_first_tree, generate, generate_orthrus, generate_speculative
 from sampling import Sampling, logits_to_probs
 
 V, MASK = 24, 23
@@ -455,3 +455,70 @@ def test_sampling_with_a_tree_drafter_keeps_the_chain():
         s = Sampling(temperature=1.0, generator=torch.Generator().manual_seed(7))
         runs.append(generate_orthrus(*model, prompt, 25, draft_len=4, tree_nodes=nodes, sampling=s)[0])
     assert runs[0] == runs[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# One forward per cycle: the verify pass also drafts the next block
+
+
+def test_verify_and_draft_equals_a_verify_pass_and_separate_draft_passes_float64():
+    """The fused pass's AR rows and cache writes equal base(block, cache); its prepared block for
+    acceptance j equals a draft pass over [MASK x K] once x_s, d_1..d_j are committed. An
+    off-by-one in the prefix each prepared block sees, or in its positions, changes these logits."""
+    base, head = random_orthrus()
+    prompt, block = [3, 7, 1, 9, 4], torch.tensor([[11, 2, 5, 8, 6]])  # [x_s, d_1..d_4]
+    K, starts = 5, [0, 1, 2, 4]
+    fused_cache, plain_cache = base.new_cache(), base.new_cache()
+    with torch.no_grad():
+        base(torch.tensor([prompt]), fused_cache)
+        base(torch.tensor([prompt]), plain_cache)
+        ar, drafts = head.verify_and_draft(base, fused_cache, block, starts, K)
+        ref = base(block, plain_cache)[0]
+    torch.testing.assert_close(ar, ref, rtol=0, atol=1e-10)
+    assert fused_cache.length == plain_cache.length == len(prompt) + 5
+    torch.testing.assert_close(fused_cache.k, plain_cache.k, rtol=0, atol=1e-12)
+    torch.testing.assert_close(fused_cache.v, plain_cache.v, rtol=0, atol=1e-12)
+    for b, j in enumerate(starts):
+        cache = base.new_cache()
+        with torch.no_grad():
+            base(torch.tensor([prompt + block[0, : j + 1].tolist()]), cache)
+            separate = head.draft_logits(base, cache, torch.full((1, K), MASK))[0]
+        torch.testing.assert_close(drafts[b], separate, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("draft_len", [2, 4, 6])
+def test_fused_greedy_equals_ar_and_saves_passes(draft_len):
+    model = random_orthrus()
+    for seed in range(3):
+        torch.manual_seed(300 + seed)
+        prompt = torch.randint(0, V - 1, (4 + seed,)).tolist()
+        drafter = FusedDiffusionDrafter(*model, draft_len)
+        out, stats = generate_speculative(model[0], drafter, prompt, 30)
+        assert out == ar_reference(model, prompt, 30)
+        assert stats.forward_passes < 2 * stats.cycles  # some cycles drafted inside the verify pass
+
+
+def test_fused_greedy_equals_ar_near_the_context_limit():
+    model = random_orthrus(context_len=24)
+    prompt = list(range(1, 13))
+    out, _ = generate_speculative(model[0], FusedDiffusionDrafter(*model, 6), prompt, 30)
+    assert out == ar_reference(model, prompt, 30) and len(out) == 12
+
+
+def test_sampled_fused_orthrus_matches_ar_distribution():
+    """Prepared blocks as p_draft keep the output law AR's: 4-token continuations against exact
+    enumeration over 256 outcomes; same threshold argument as the tests above (N = 3000, 5 SE +
+    1e-3 per cell). Prepared blocks must actually be used (fewer passes than two per cycle)."""
+    base, head = four_token_pair()
+    prompt, n_new, temperature, top_k = [0, 1, 2], 4, 0.9, 3
+    exact = exact_ar_distribution(base, prompt, n_new, temperature, top_k)
+    N, g, counts, passes, cycles = 3000, torch.Generator().manual_seed(2), {}, 0, 0
+    for _ in range(N):
+        drafter = FusedDiffusionDrafter(base, head, 3, foresee=(0, 1))
+        out, stats = generate_speculative(base, drafter, prompt, n_new, sampling=Sampling(temperature, top_k, 1.0, g))
+        counts[tuple(out)] = counts.get(tuple(out), 0) + 1
+        passes, cycles = passes + stats.forward_passes, cycles + stats.cycles
+    assert passes < 2 * cycles
+    for cont, p in exact.items():
+        freq = counts.get(cont, 0) / N
+        assert abs(freq - p) <= 5 * math.sqrt(p * (1 - p) / N) + 1e-3, (cont, freq, p)
