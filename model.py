@@ -7,7 +7,7 @@ Layout of one layer (pre-norm, as in Qwen3):
     x = x + down_proj(silu(gate_proj(rms(x))) * up_proj(rms(x)))
 
 Tensor names and shapes are Hugging Face Qwen3's without the "model." prefix (lm_head.weight is
-absent when tied); pretrained.py maps config.json and GGUF files onto GPTConfig.
+absent when tied); pretrained/ maps config.json and GGUF files onto GPTConfig.
 
 The seam for the Orthrus diffusion view (diffusion_head.py): `Attention.project` turns hidden
 states into rotated q, k, v, and `Attention.o_proj` maps the attention output back. The head owns
@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from errors import UserError
 
 
 def config_field(default, help: str, choices=None):
@@ -46,8 +48,6 @@ class GPTConfig:
     def __post_init__(self):
         """Every value checked up front (flags and checkpoints come through here): a bad one is a
         UserError naming the field and its flag, never a NaN or a shape error later."""
-        from errors import UserError  # plain Python, imports nothing
-
         def check(names, ok, want):
             for name in names:
                 value = getattr(self, name)

@@ -16,7 +16,7 @@ One cycle, the whole method (`generate_speculative` below, step for step):
       commit   d_1..d_n and that token; crop the cache to s+1+n (x_s and the accepted drafts
                stay, the rejected tail goes); the AR view's token is the new pending one
 
-The loop takes any *drafter*; the diffusion view is one (`DiffusionDrafter`), and speculative.py
+The loop takes any *drafter*; the diffusion view is one (`DiffusionDrafter`), and benchmarks/drafters.py
 holds the baselines (a separate draft model, prompt lookup). A drafter has one small interface:
 
     max_drafts                  the most tokens it proposes per cycle (Orthrus: K-1)

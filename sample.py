@@ -19,9 +19,12 @@ import sys
 
 import torch
 
-from common import ArgumentParser, UserError, open_model, pick_device, run_cli, set_threads
+from checkpoint import open_model
+from cli import ArgumentParser, pick_device, run_cli, set_threads
 from decoding import check_prompt
+from errors import UserError
 from orthrus import DiffusionDrafter, generate, generate_speculative
+from pretrained import chat_prompt
 from sampling import Sampling
 
 DEFAULT_PROMPT = "def "  # shows the shipped stdlib model writing Python; a newline gave only spaces
@@ -163,8 +166,6 @@ def main(argv=None):
     base, head, tokenizer, info = open_model(args.ckpt, device, dtype)
     stop_ids = list(info["stop_ids"])
     if args.chat:
-        from pretrained import chat_prompt
-
         prompt, end_of_turn = chat_prompt(tokenizer, prompt_text)
         stop_ids.append(end_of_turn)
     else:

@@ -34,18 +34,19 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import (ArgumentParser, UserError, add_dataclass_flags, autocast, build_base, clean_state_dict, dataclass_from,
-                    fmt_time, load_checkpoint, pick_autocast_dtype, pick_device, read_data_meta, run_cli,
-                    same_tokenizer, save_checkpoint, state_sha256, tokenizer_model_tensor)
+from benchmarks import estimate
+from checkpoint import build_base, clean_state_dict, load_checkpoint, same_tokenizer, save_checkpoint, state_sha256, tokenizer_model_tensor
+from cli import (ArgumentParser, add_dataclass_flags, autocast, dataclass_from, fmt_time, pick_autocast_dtype, pick_device,
+                 run_cli)
 from decoding import sync_device
 from diffusion_head import DiffusionHead, choose_anchors, chunked_head_loss, expected_tokens_per_cycle, response_anchors
+from errors import UserError
 from model import GPT, GPTConfig, config_field
-import estimate
 from pretrained import is_pretrained_path, load_pretrained, read_config
-from tokenizer import load_tokens
+from training.data import TokenData, load_data, read_data_meta
+from training.ranks import Ranks
 
 
 @dataclass
@@ -124,103 +125,6 @@ PRESETS = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Data
-
-
-class TokenData:
-    """Random training windows and fixed validation windows from the token files of prepare.py."""
-
-    masked = False  # no response masks: every token is a training target
-
-    def __init__(self, data_dir: str, meta: dict | None = None):
-        self.data_dir, self.meta = data_dir, meta or read_data_meta(data_dir)
-        try:
-            self.train = load_tokens(os.path.join(data_dir, "train.bin"), self.meta["dtype"])
-            self.val = load_tokens(os.path.join(data_dir, "val.bin"), self.meta["dtype"])
-        except (ValueError, FileNotFoundError) as e:  # tokenizer.py: a missing or truncated token file
-            raise UserError(str(e)) from None
-
-    def check_length(self, length: int, what: str):
-        """Both splits must hold more than one window of `length` tokens: found now, not at the first
-        evaluation after minutes of training."""
-        for split in ("train", "val"):
-            n = getattr(self, split).numel()
-            if n <= length:
-                raise UserError(f"{self.data_dir}/{split}.bin has {n} tokens, too few for {what} of {length}: prepare "
-                                "more text (data/prepare.py; for val, a larger --val-fraction) or lower --seq-len")
-
-    def train_windows(self, batch_size: int, length: int, generator: torch.Generator):
-        """(tokens (B, length), response mask (B, length) or None: every token counts)."""
-        return windows(self.train, batch_size, length, generator), None
-
-    def val_windows(self, batch_size: int, length: int, generator: torch.Generator):
-        return windows(self.val, batch_size, length, generator), None
-
-
-class SelfDistilledData(TokenData):
-    """Rows the base wrote itself (data/self_distill.py), drawn at random, with the mask of the
-    tokens that are the base's own answer (chat data; corpus-prompted rows count whole). Validation
-    on held-out rows (chat data: answers to held-out prompts) or on the corpus the prompts came from."""
-
-    def __init__(self, data_dir: str, meta: dict):
-        self.data_dir, self.meta = data_dir, meta
-        self.rows, self.response = self._read_rows(data_dir, "rows_")
-        self.masked = not bool(self.response.all())
-        if meta.get("val") == "rows":
-            self.val_rows, self.val_response = self._read_rows(data_dir, "val_rows_")
-        else:
-            self.val = TokenData(meta["source_data_dir"]).val
-
-    @staticmethod
-    def _read_rows(data_dir, prefix):
-        """Shards are (N, L) token tensors, or {"tokens": (N, L), "response": (N, L) bool}."""
-        shards = sorted(f for f in os.listdir(data_dir) if f.startswith(prefix) and f.endswith(".pt"))
-        if not shards:
-            raise UserError(f"{data_dir} holds no {prefix}*.pt shards yet: run data/self_distill.py to the end")
-        tokens, response = [], []
-        try:
-            for f in shards:
-                shard = torch.load(os.path.join(data_dir, f), weights_only=True)
-                shard = shard if isinstance(shard, dict) else {"tokens": shard, "response": torch.ones_like(shard, dtype=torch.bool)}
-                tokens.append(shard["tokens"].long())
-                response.append(shard["response"].bool())
-        except Exception as e:  # a damaged shard: say which folder and how to regenerate it
-            raise UserError(f"a shard in {data_dir} is not readable ({type(e).__name__}); delete it and run "
-                            "data/self_distill.py again") from None
-        return torch.cat(tokens), torch.cat(response)
-
-    def check_length(self, length: int, what: str):
-        if self.rows.size(1) < length:
-            raise UserError(f"{self.data_dir} holds rows of {self.rows.size(1)} tokens, too short for {what} of "
-                            f"{length}: lower --seq-len or generate longer rows (--row-len)")
-        if hasattr(self, "val") and self.val.numel() <= length:  # the corpus's held-out split
-            raise UserError(f"{self.meta['source_data_dir']}/val.bin has {self.val.numel()} tokens, too few for "
-                            f"{what} of {length}: lower --seq-len")
-
-    def train_windows(self, batch_size, length, generator):
-        pick = torch.randint(0, self.rows.size(0), (batch_size,), generator=generator)
-        return self.rows[pick, :length], self.response[pick, :length]
-
-    def val_windows(self, batch_size, length, generator):
-        if hasattr(self, "val"):
-            return super().val_windows(batch_size, length, generator)
-        pick = torch.randint(0, self.val_rows.size(0), (batch_size,), generator=generator)
-        return self.val_rows[pick, :length], self.val_response[pick, :length]
-
-
-def load_data(data_dir: str) -> TokenData:
-    """The training data in `data_dir`: a prepared corpus, or rows the base wrote itself."""
-    meta = read_data_meta(data_dir)
-    return SelfDistilledData(data_dir, meta) if meta.get("kind") == "self-distilled" else TokenData(data_dir, meta)
-
-
-def windows(tokens, batch_size: int, length: int, generator: torch.Generator):
-    """(batch_size, length) int64 windows of a token stream, starting at random offsets."""
-    starts = torch.randint(0, tokens.numel() - length, (batch_size,), generator=generator).tolist()
-    return torch.stack([tokens[s : s + length].long() for s in starts])
-
-
-# ---------------------------------------------------------------------------------------------
 # The loop shared by both stages
 
 
@@ -251,47 +155,6 @@ def restore(ckpt, key: str, module, optimizer, generator) -> int:
     optimizer.load_state_dict(ckpt["optimizer"])
     generator.set_state(ckpt["data_rng"])
     return ckpt["step"]
-
-
-class Ranks:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun). Every rank draws the
-    same global batch with the same generator and trains on its own rows of it (rank, rank + N,
-    ...); DistributedDataParallel averages the gradients, so N processes follow the trajectory of
-    one process with the same global --batch-size. Rank 0 prints and writes checkpoints."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.device = torch.device("cpu")
-
-    def start(self, device: torch.device) -> torch.device:
-        """Join the process group (gloo on CPUs, nccl on GPUs, one GPU per process)."""
-        if self.world > 1 and not dist.is_initialized():
-            if device.type == "cuda":
-                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-                torch.cuda.set_device(device)
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        self.device = device
-        return device
-
-    def rows(self, batch):
-        """This rank's rows of a global batch (a tensor, or a tuple of them; None passes)."""
-        if self.world == 1 or batch is None:
-            return batch
-        if isinstance(batch, tuple):
-            return tuple(self.rows(b) for b in batch)
-        return batch[self.rank :: self.world]
-
-    def sum(self, value: float) -> float:
-        """The sum over ranks (a tensor on this rank's device: nccl reduces GPU tensors only)."""
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.item()
-
-    def mean(self, value: float) -> float:
-        return self.sum(value) / self.world
 
 
 RANKS = Ranks()
@@ -656,7 +519,7 @@ def head_seq_len(cfg: TrainConfig, context_len: int, pretrained: bool, row_len=N
 
 
 def dry_run(args, cfg: TrainConfig) -> dict:
-    """The estimate of estimate.py for this head-stage configuration (only the base's config is read)."""
+    """The estimate of benchmarks/estimate.py for this head-stage configuration (only the base's config is read)."""
     if cfg.stage != "head" or not cfg.base_ckpt:
         raise UserError("--dry-run estimates a head-stage run: pass --stage head --base-ckpt PATH")
     if is_pretrained_path(cfg.base_ckpt):

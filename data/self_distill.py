@@ -54,7 +54,7 @@ PACKED FORMAT (the contract train.py reads):
   meta.json     "kind": "self-distilled", "row_len", "n_rows", "n_val_rows", "val": "rows",
                 "tokenizer" (the tokenizer's meta dict), "vocab_size", "dtype" (token dtype name
                 of the vocabulary), "eot_id", "end_of_turn_id", "stop_ids", "base", "base_format",
-                "base_sha256" (common.state_sha256 of the base as loaded, in float32: what
+                "base_sha256" (checkpoint.state_sha256 of the base as loaded, in float32: what
                 train.py compares), "tokenizer_sha256", "prompts",
                 "prompts_sha256", "chat", "temperature", "top_k", "top_p", "seed",
                 "max_new_tokens", "batch_size", "summary"; NO "source_data_dir" (there is no
@@ -76,11 +76,13 @@ import torch
 DATA = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(DATA))  # the repository root
 
-from common import (ArgumentParser, UserError, build_base, fmt_time, load_checkpoint, open_model,  # noqa: E402
-                    pick_device, read_data_meta, run_cli, save_checkpoint, set_threads, state_sha256)
-from prompts import read_prompt_file, read_prompt_folder, split_prompts  # noqa: E402
+from checkpoint import build_base, load_checkpoint, open_model, save_checkpoint, state_sha256  # noqa: E402
+from cli import ArgumentParser, fmt_time, pick_device, run_cli, set_threads  # noqa: E402
+from data.prompts import read_prompt_file, read_prompt_folder, split_prompts  # noqa: E402
+from errors import UserError  # noqa: E402
 from sampling import Sampling  # noqa: E402
 from tokenizer import load_tokens, token_dtype  # noqa: E402
+from training.data import read_data_meta  # noqa: E402
 
 
 def build_parser():

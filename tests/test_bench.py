@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import bench
+import benchmarks.suites
 from helpers import expect_user_error
 
 
@@ -86,7 +87,7 @@ def test_bench_checks_flags_before_loading(tiny, tmp_path, capsys, monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("loaded a model before checking every flag")
 
-    monkeypatch.setattr(bench, "open_model", never)
+    monkeypatch.setattr(benchmarks.suites, "open_model", never)
     for flags, message in ((["--methods", "orthrus,medusa"], "unknown --methods"), (["--modes", "fast"], "unknown --modes"),
                            (["--gammas", "0"], "--gammas values must be >= 1"), (["--heads", "nolabel"], "label=path"),
                            (["--json", str(tmp_path / "missing" / "r.json")], "cannot write into")):

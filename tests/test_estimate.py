@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import estimate
+from benchmarks import estimate
 from diffusion_head import attention_calls, choose_anchors, default_blocks_per_call
 
 

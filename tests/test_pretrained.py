@@ -20,7 +20,13 @@ import torch
 
 import orthrus
 import pretrained
+import pretrained.bpe as pbpe
+import pretrained.gguf
+import pretrained.hf
+import pretrained.loading
+import pretrained.official
 import tokenizer as tk
+from checkpoint import check_base_sha256, state_sha256
 from diffusion_head import DiffusionHead
 from errors import UserError
 from model import GPT, GPTConfig
@@ -52,8 +58,8 @@ VARIANTS = ("gpt2", "qwen", "smollm", "gaps", "shuffled")
 
 
 def split_patterns(variant):
-    return {"gpt2": [tk.GPT2_SPLIT], "shuffled": [tk.GPT2_SPLIT], "qwen": [tk.QWEN2_SPLIT],
-            "smollm": [tk.DIGITS_SPLIT, tk.GPT2_SPLIT], "gaps": [r"\p{L}+|\p{N}"]}[variant]
+    return {"gpt2": [pbpe.GPT2_SPLIT], "shuffled": [pbpe.GPT2_SPLIT], "qwen": [pbpe.QWEN2_SPLIT],
+            "smollm": [pbpe.DIGITS_SPLIT, pbpe.GPT2_SPLIT], "gaps": [r"\p{L}+|\p{N}"]}[variant]
 
 
 def pre_split(text, patterns):
@@ -128,13 +134,13 @@ def tiny_tokenizer_json(variant="gpt2", n_merges=120, drop_bytes=()):
     drop_bytes), the merges learned on CORPUS, then the added tokens."""
     patterns = split_patterns(variant)
     merges = train_bpe(CORPUS, patterns, n_merges)
-    singles = [bytes([tk.CHAR_TO_BYTE[c]]) for c in sorted(tk.CHAR_TO_BYTE)]
+    singles = [bytes([pbpe.CHAR_TO_BYTE[c]]) for c in sorted(pbpe.CHAR_TO_BYTE)]
     singles = [b for b in singles if b[0] not in drop_bytes]
     order = singles + [a + b for a, b in merges]
     if variant == "shuffled":  # merge results get ids in reverse merge order: ranks != ids
         order = singles + [a + b for a, b in merges][::-1]
     vocab = {b: i for i, b in enumerate(order)}
-    to_str = lambda b: "".join(tk.BYTE_TO_CHAR[x] for x in b)  # noqa: E731
+    to_str = lambda b: "".join(pbpe.BYTE_TO_CHAR[x] for x in b)  # noqa: E731
     n = len(vocab)
     added = [{"id": n + k, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": c not in ("<think>", "</think>")} for k, c in enumerate(ADDED)]
@@ -175,7 +181,7 @@ def bpe(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"tok_{request.param}")
     drop = (4, 255) if request.param == "smollm" else ()  # like SmolLM2: some bytes have no token
     data, vocab, merges = write_tokenizer(folder, request.param, drop_bytes=drop)
-    tok = tk.BPETokenizer.from_file(str(folder))  # the folder: tokenizer.json + tokenizer_config.json
+    tok = pbpe.BPETokenizer.from_file(str(folder))  # the folder: tokenizer.json + tokenizer_config.json
     return request.param, folder, tok, vocab, merges
 
 
@@ -227,15 +233,15 @@ def test_bpe_meta_round_trip(bpe, tmp_path):
     _, folder, tok, _, _ = bpe
     meta = tok.meta()
     json.dumps(meta)
-    again = tk.load_tokenizer(meta)
+    again = pbpe.load_any_tokenizer(meta)
     assert again.meta() == meta and again.encode(CORPUS) == tok.encode(CORPUS)
     with pytest.raises(UserError, match="tokenizer file is gone"):
-        tk.load_tokenizer(dict(meta, path=str(tmp_path / "nope.json"), file="nope.json"), str(tmp_path))
+        pbpe.load_any_tokenizer(dict(meta, path=str(tmp_path / "nope.json"), file="nope.json"), str(tmp_path))
 
 
 def test_bpe_to_tokenizer_json_round_trip(bpe):
     _, _, tok, _, _ = bpe
-    again = tk.BPETokenizer.from_tokenizer_json(tok.to_tokenizer_json())
+    again = pbpe.BPETokenizer.from_tokenizer_json(tok.to_tokenizer_json())
     for text in TEXTS + [CORPUS]:
         assert again.encode(text, allow_special=True) == tok.encode(text, allow_special=True)
 
@@ -243,7 +249,7 @@ def test_bpe_to_tokenizer_json_round_trip(bpe):
 def test_bpe_mask_is_first_padded_row(tmp_path):
     data, vocab, _ = write_tokenizer(tmp_path)
     n = len(vocab) + len(ADDED)
-    tok = tk.BPETokenizer.from_file(str(tmp_path / "tokenizer.json"), vocab_size=n + 7)
+    tok = pbpe.BPETokenizer.from_file(str(tmp_path / "tokenizer.json"), vocab_size=n + 7)
     assert tok.mask_id == n and "padded" in tok.mask_choice and tok.vocab_size == n + 7
     assert tok.decode([tok.mask_id, n + 3, 5]) == "<|mask|><|unused_%d|>" % (n + 3) + tok.decode([5])
 
@@ -274,7 +280,7 @@ def test_tokenizer_json_refusals(tmp_path, bad, match):
     path = tmp_path / "tokenizer.json"
     path.write_text(json.dumps(bad))
     with pytest.raises(UserError, match=match) as e:
-        tk.BPETokenizer.from_file(str(path))
+        pbpe.BPETokenizer.from_file(str(path))
     assert "\n" not in str(e.value)
 
 
@@ -294,7 +300,7 @@ def hf_config(tok_vocab, model_type="qwen3", tied=True, pad=8, head_dim=16, **ov
 
 
 def gpt_config(cfg):
-    return pretrained.hf_config_to_gpt(cfg, "test")
+    return pretrained.hf.hf_config_to_gpt(cfg, "test")
 
 
 def random_hf_state(cfg, seed=0, diff=False):
@@ -470,7 +476,7 @@ def test_official_folder_loads_as_base_plus_head(tmp_path):
                                                                   "trained_draft_lens": [4]}
     assert tok.mask_id == cfg["mask_token_id"] and not any(p.requires_grad for p in head.parameters())
     for i, attn in enumerate(head.attn):
-        for n in pretrained.OFFICIAL_DIFF:
+        for n in pretrained.official.OFFICIAL_DIFF:
             assert torch.equal(getattr(attn, n).weight, sd[f"model.layers.{i}.self_attn.{n}_diff.weight"])
     assert torch.equal(head.mask_embedding, sd["model.embed_tokens.weight"][cfg["mask_token_id"]])
     x = sample_ids(base.config.vocab_size)
@@ -500,13 +506,13 @@ def test_export_official_round_trip(tmp_path, tied, same_row, shard_bytes):
         with torch.no_grad():
             head.mask_embedding.copy_(base.embed_tokens.weight[tok.mask_id])
     out = tmp_path / "official"
-    summary = pretrained.export_official(base, head, str(out), source=str(src), max_shard_bytes=shard_bytes)
+    summary = pretrained.official.export_official(base, head, str(out), source=str(src), max_shard_bytes=shard_bytes)
     written = json.loads((out / "config.json").read_text())
     assert written["block_size"] == 8 and written["mask_token_id"] == tok.mask_id
     assert written["tie_word_embeddings"] == (tied and same_row) == summary["tied"]
     assert written.get("orthrus_base_tied", False) == (tied and not same_row)
     assert (out / "tokenizer.json").exists() and (out / "model.safetensors.index.json").exists() == (shard_bytes < 1e6)
-    assert (out / pretrained.BASE_ROWS_FILE).exists() == (not tied and not same_row)
+    assert (out / pretrained.official.BASE_ROWS_FILE).exists() == (not tied and not same_row)
     # what the official code sees: MASK through embed row mask_token_id, the base's own LM head
     from safetensors import safe_open
 
@@ -539,7 +545,7 @@ def test_export_official_untied_export_is_exact_for_the_official_reader(tmp_path
     base, _, tok, _ = pretrained.load_pretrained(str(src))
     head = perturbed_head(base, tok.mask_id)
     out = tmp_path / "official"
-    pretrained.export_official(base, head, str(out), source=str(src))
+    pretrained.official.export_official(base, head, str(out), source=str(src))
     cfg = json.loads((out / "config.json").read_text())
     for k in ("block_size", "mask_token_id", "orthrus_base_tied", "orthrus_trained_draft_lens"):
         cfg.pop(k)
@@ -562,7 +568,7 @@ def test_export_refuses_llama_base(tmp_path):
     write_hf_folder(tmp_path / "src", model_type="llama", tied=False, head_dim=12)
     base, _, tok, _ = pretrained.load_pretrained(str(tmp_path / "src"))
     with pytest.raises(UserError, match="Qwen3-only"):
-        pretrained.export_official(base, perturbed_head(base, tok.mask_id), str(tmp_path / "out"))
+        pretrained.official.export_official(base, perturbed_head(base, tok.mask_id), str(tmp_path / "out"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,7 +601,7 @@ def write_gguf(path, arch="llama", types=None, pre="gpt2", variant="gpt2", tied=
     if arch == "qwen3":
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    to_str = lambda b: "".join(tk.BYTE_TO_CHAR[x] for x in b)  # noqa: E731
+    to_str = lambda b: "".join(pbpe.BYTE_TO_CHAR[x] for x in b)  # noqa: E731
     tokens = [to_str(b) for b, _ in sorted(vocab.items(), key=lambda kv: kv[1])] + ADDED
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
@@ -610,7 +616,7 @@ def write_gguf(path, arch="llama", types=None, pre="gpt2", variant="gpt2", tied=
 
     def add(gguf_name, ours, t, qtype=None, permute_heads=None):
         qtype = types.get(gguf_name.split(".")[-2] if gguf_name.startswith("blk") else gguf_name, qtype) or Q.F32
-        stored = pretrained.permute_qk(t, permute_heads) if permute_heads else t
+        stored = pretrained.gguf.permute_qk(t, permute_heads) if permute_heads else t
         a = stored.numpy().astype(np.float32)
         if qtype == Q.F32:
             w.add_tensor(gguf_name, a)
@@ -623,7 +629,7 @@ def write_gguf(path, arch="llama", types=None, pre="gpt2", variant="gpt2", tied=
             w.add_tensor(gguf_name, q, raw_shape=q.shape, raw_dtype=qtype)
             back = gguf.quants.dequantize(q, qtype).reshape(a.shape)
         back = torch.from_numpy(np.array(back))
-        expected[ours] = pretrained.unpermute_qk(back, permute_heads) if permute_heads else back
+        expected[ours] = pretrained.gguf.unpermute_qk(back, permute_heads) if permute_heads else back
 
     add("token_embd.weight", "embed_tokens.weight", rnd(n_tok, n_embd, scale=1.0))
     add("output_norm.weight", "norm.weight", norm(n_embd))
@@ -688,7 +694,7 @@ def test_gguf_logits_equal_native_and_orthrus_is_lossless(tmp_path, arch, tied, 
         assert torch.equal(base(x), ref(x))
     # the tokenizer from the GGUF metadata equals the tokenizer.json one
     data, _, _ = tiny_tokenizer_json(variant)
-    assert tok.encode(CORPUS) == tk.BPETokenizer.from_tokenizer_json(data).encode(CORPUS)
+    assert tok.encode(CORPUS) == pbpe.BPETokenizer.from_tokenizer_json(data).encode(CORPUS)
     assert tok.chat_format is not None and tok.mask_id == len(tok._tokens) + 5  # <|reserved_0|>
     prompt = tok.encode("The quick brown fox")
     head = perturbed_head(base, tok.mask_id, seed=1)
@@ -702,17 +708,17 @@ def test_gguf_without_unpermute_would_differ(tmp_path):
     with torch.no_grad():
         for layer in base.layers:
             a = layer.self_attn
-            a.q_proj.weight.copy_(pretrained.permute_qk(a.q_proj.weight.clone(), config.n_head))
-            a.k_proj.weight.copy_(pretrained.permute_qk(a.k_proj.weight.clone(), config.n_kv_head))
+            a.q_proj.weight.copy_(pretrained.gguf.permute_qk(a.q_proj.weight.clone(), config.n_head))
+            a.k_proj.weight.copy_(pretrained.gguf.permute_qk(a.k_proj.weight.clone(), config.n_kv_head))
         x = sample_ids(config.vocab_size)
         assert not torch.allclose(base(x), native_from(expected, config)(x), atol=1e-3)
 
 
 def test_permute_round_trip():
     w = torch.arange(6 * 16 * 5, dtype=torch.float32).reshape(6 * 16, 5)
-    assert torch.equal(pretrained.unpermute_qk(pretrained.permute_qk(w, 6), 6), w)
+    assert torch.equal(pretrained.gguf.unpermute_qk(pretrained.gguf.permute_qk(w, 6), 6), w)
     # head 0, rows 0..15: rotate-half pairs (i, i+8) become neighbours (2i, 2i+1)
-    assert pretrained.permute_qk(w, 6)[:4, 0].tolist() == [0, 40, 5, 45]
+    assert pretrained.gguf.permute_qk(w, 6)[:4, 0].tolist() == [0, 40, 5, 45]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -760,13 +766,10 @@ def test_refusals_hf_folders(tmp_path):
 
 def test_refusals_official_and_expected_base(tmp_path):
     cfg, sd = write_official_folder(tmp_path / "official")
-    base, _, _, info = pretrained.load_pretrained(str(tmp_path / "official"), expect_base_sha256=None)
-    from common import state_sha256
-
+    base, _, _, info = pretrained.load_pretrained(str(tmp_path / "official"))
     good = state_sha256(base.state_dict())
-    pretrained.load_pretrained(str(tmp_path / "official"), expect_base_sha256=good)
-    _one_line_user_error(lambda: pretrained.load_pretrained(str(tmp_path / "official"), expect_base_sha256="0" * 64),
-                         "not the expected base")
+    check_base_sha256(base, good, str(tmp_path / "official"))
+    _one_line_user_error(lambda: check_base_sha256(base, "0" * 64, str(tmp_path / "official")), "not the expected base")
     cfg_no_block = {k: v for k, v in cfg.items() if k not in ("block_size", "mask_token_id")}
     write_hf_folder(tmp_path / "nocfg", cfg=cfg_no_block, sd=sd)
     _one_line_user_error(lambda: pretrained.load_pretrained(str(tmp_path / "nocfg")), "lacks block_size")
@@ -857,16 +860,16 @@ def test_smollm2_perplexity_proves_the_qk_layout(smollm2):
     with torch.no_grad():
         for layer in base.layers:  # the llama.cpp layout used as is
             a = layer.self_attn
-            a.q_proj.weight.copy_(pretrained.permute_qk(a.q_proj.weight.clone(), base.config.n_head))
-            a.k_proj.weight.copy_(pretrained.permute_qk(a.k_proj.weight.clone(), base.config.n_kv_head))
+            a.q_proj.weight.copy_(pretrained.gguf.permute_qk(a.q_proj.weight.clone(), base.config.n_head))
+            a.k_proj.weight.copy_(pretrained.gguf.permute_qk(a.k_proj.weight.clone(), base.config.n_kv_head))
     try:
         wrong = nats_per_byte(base, tok, text)
     finally:
         with torch.no_grad():
             for layer in base.layers:
                 a = layer.self_attn
-                a.q_proj.weight.copy_(pretrained.unpermute_qk(a.q_proj.weight.clone(), base.config.n_head))
-                a.k_proj.weight.copy_(pretrained.unpermute_qk(a.k_proj.weight.clone(), base.config.n_kv_head))
+                a.q_proj.weight.copy_(pretrained.gguf.unpermute_qk(a.q_proj.weight.clone(), base.config.n_head))
+                a.k_proj.weight.copy_(pretrained.gguf.unpermute_qk(a.k_proj.weight.clone(), base.config.n_kv_head))
     assert wrong > 1.2, wrong  # about 1.5
 
 
@@ -886,14 +889,14 @@ def test_smollm2_chat_greedy(smollm2):
 
 def test_chat_prompt_refuses_a_model_without_chat_format(tmp_path):
     write_tokenizer(tmp_path, chat=False)
-    tok = tk.BPETokenizer.from_file(str(tmp_path))
+    tok = pbpe.BPETokenizer.from_file(str(tmp_path))
     _one_line_user_error(lambda: pretrained.chat_prompt(tok, "hi"), "no chat format")
     _one_line_user_error(lambda: pretrained.chat_prompt(tk.ByteTokenizer(), "hi"), "no chat format")
 
 
 def test_big_tensors_are_read_in_row_chunks(tmp_path, monkeypatch):
     """With a tiny chunk size every matrix goes through the chunked path: same logits."""
-    monkeypatch.setattr(pretrained, "CHUNK_VALUES", 100)
+    monkeypatch.setattr(pretrained.loading, "CHUNK_VALUES", 100)
     cfg, sd = write_hf_folder(tmp_path / "hf", tied=False)
     base, _, _, _ = pretrained.load_pretrained(str(tmp_path / "hf"))
     x = sample_ids(base.config.vocab_size)

@@ -11,8 +11,9 @@ import os
 import pytest
 import torch
 
+import pretrained.bpe as pbpe
 import tokenizer as tk
-from common import save_checkpoint, state_sha256
+from checkpoint import save_checkpoint, state_sha256
 from helpers import train
 from helpers import expect_user_error, load_script
 from test_pretrained import smollm2_path
@@ -34,8 +35,8 @@ END_OF_TURN = 258
 
 
 def write_tiny_tokenizer(folder):
-    singles = [bytes([tk.CHAR_TO_BYTE[c]]) for c in sorted(tk.CHAR_TO_BYTE)]
-    vocab = {"".join(tk.BYTE_TO_CHAR[x] for x in b): i for i, b in enumerate(singles)}
+    singles = [bytes([pbpe.CHAR_TO_BYTE[c]]) for c in sorted(pbpe.CHAR_TO_BYTE)]
+    vocab = {"".join(pbpe.BYTE_TO_CHAR[x] for x in b): i for i, b in enumerate(singles)}
     added = [{"id": 256 + k, "content": c, "special": True, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False} for k, c in enumerate(ADDED)]
     data = {"version": "1.0", "added_tokens": added, "normalizer": None,
@@ -46,7 +47,7 @@ def write_tiny_tokenizer(folder):
         json.dump(data, f)
     with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump({"chat_template": CHAT_TEMPLATE}, f)
-    return tk.BPETokenizer.from_file(str(folder))
+    return pbpe.BPETokenizer.from_file(str(folder))
 
 
 def tiny_gpt(seed=0, dtype=torch.float32):

@@ -14,7 +14,6 @@ and block tokens (diffusion_head.chunked_block_attention).
 Estimates, not measurements: they leave out allocator slack and small tensors.
 """
 
-import math
 import time
 
 import torch

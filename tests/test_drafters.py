@@ -11,7 +11,7 @@ from model import GPT, GPTConfig
 from errors import UserError
 from orthrus import generate, generate_speculative
 from sampling import Sampling
-from speculative import DraftModelDrafter, PromptLookupDrafter
+from benchmarks.drafters import DraftModelDrafter, PromptLookupDrafter
 from test_orthrus import CFG, V, exact_ar_distribution, random_orthrus, trained_orthrus  # noqa: F401 (fixture)
 
 
