@@ -25,7 +25,8 @@ import json
 import os
 
 from benchmarks.suites import check_lists, suite_ablations, suite_ar, suite_compare
-from cli import ArgumentParser, pick_device, run_cli, set_threads
+from cli import ArgumentParser, add_runtime_flags, pick_device, run_cli, set_threads
+from diffusion_head import check_draft_lens
 from errors import UserError
 
 
@@ -49,21 +50,21 @@ def build_parser():
     p.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats (median reported, spread shown)")
     p.add_argument("--loop-threshold", type=float, default=0.5, help="distinct-8 below this counts as looping text")
     p.add_argument("--ablations", default="denoise,heads,prompt-length,memory,tokenizer", help="ablations suite: which")
-    p.add_argument("--ablation-k", type=int, default=8, help="ablations: Orthrus draft length K")
+    p.add_argument("--draft-len", "--ablation-k", dest="draft_len", type=int, default=8,
+                   help="ablations: Orthrus draft length K (the CPU head's best; --ablation-k is the old name)")
     p.add_argument("--heads", default="", help="ablations: label=path,... other heads trained on the same base (KL vs CE, corpus vs self)")
     p.add_argument("--prompt-lens", default="32,128,256,384,448", help="ablations: prompt lengths toward the context limit")
     p.add_argument("--tokenizer-ckpts", default="", help="ablations: label=path,... base+head checkpoints with other tokenizers")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0 = torch's default); 1 keeps ratios stable on a busy machine")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="inference dtype")
+    add_runtime_flags(p, threads=1, dtypes=("float32", "bfloat16"))
     p.add_argument("--json", default="", help="also write the results here as JSON")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    for name in ("num_prompts", "prompt_len", "max_new_tokens", "repeats", "ablation_k", "threads"):
-        minimum = {"ablation_k": 2, "threads": 0}.get(name, 1)
+    check_draft_lens([args.draft_len], "--draft-len")
+    for name in ("num_prompts", "prompt_len", "max_new_tokens", "repeats", "threads"):
+        minimum = {"threads": 0}.get(name, 1)
         if getattr(args, name) < minimum:
             raise UserError(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(args, name)}")
     check_lists(args)  # every flag before anything is loaded

@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from diffusion_head import DiffusionHead
+from diffusion_head import DiffusionHead, check_draft_lens
 from errors import UserError
 from model import GPT, GPTConfig
 import pretrained
@@ -182,14 +182,14 @@ def build_head(ckpt: dict, base: GPT, device, dtype):
     """The checkpoint's DiffusionHead on `base`, checked and frozen."""
     head_cfg = ckpt["head_config"]
     lens = head_cfg.get("trained_draft_lens")
-    if (not isinstance(head_cfg.get("mask_id"), int) or not isinstance(lens, list) or not lens
-            or not all(isinstance(k, int) and k >= 2 for k in lens)):
-        raise UserError("the checkpoint's head_config needs an integer mask_id and a non-empty list of "
-                        f"trained_draft_lens >= 2, got {head_cfg!r}: the file is damaged or was edited")
+    if not isinstance(head_cfg.get("mask_id"), int) or not isinstance(lens, list) or not lens:
+        raise UserError("the checkpoint's head_config needs an integer mask_id and a non-empty list "
+                        f"trained_draft_lens, got {head_cfg!r}: the file is damaged or was edited")
+    check_draft_lens(lens, "the checkpoint's head_config trained_draft_lens")
     if not 0 <= head_cfg["mask_id"] < base.config.vocab_size:
         raise UserError(f"the head's MASK id {head_cfg['mask_id']} is outside the base vocabulary "
                         f"({base.config.vocab_size}): head and base do not belong together")
-    head = DiffusionHead(base, head_cfg["mask_id"], head_cfg["trained_draft_lens"])
+    head = DiffusionHead(base, head_cfg["mask_id"], lens)
     _check_state_dict(head, ckpt["head"], "the head's weights do not fit this base")
     head.load_state_dict(ckpt["head"], strict=True)
     return head.to(device=device, dtype=dtype).requires_grad_(False).eval()

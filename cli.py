@@ -55,7 +55,53 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------------------------------------
+# The shared flags, declared once (each script picks its defaults)
+
+
+def add_runtime_flags(parser, threads: int, dtypes=None, dtype_default="float32"):
+    """--device, --threads and (given the allowed names) --dtype, the inference dtype."""
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--threads", type=int, default=threads, help="CPU threads for torch (0 = torch's default, "
+                        "which follows OMP_NUM_THREADS); 1 keeps decoding steady on a busy machine")
+    if dtypes:
+        parser.add_argument("--dtype", default=dtype_default, choices=list(dtypes), help="inference dtype (bf16 is "
+                            "fast on GPUs but may flip near-ties between AR and Orthrus)")
+
+
+def add_sampling_flags(parser, temperature: float = 0.0, top_p=1.0, seed_help="seed of the sampling generator"):
+    """--temperature, --top-k, --top-p and --seed: the settings of sampling.Sampling."""
+    parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy argmax; > 0 samples")
+    parser.add_argument("--top-k", type=int, default=0, help="sample only from the k most likely tokens (0 = off)")
+    parser.add_argument("--top-p", type=float, default=top_p, help="nucleus sampling mass in (0, 1] (1 = off)")
+    parser.add_argument("--seed", type=int, default=1337, help=seed_help)
+
+
+def int_list(text: str, flag: str) -> list:
+    """A comma list of integers such as 4,8,16 (sorted, duplicates dropped), or one line saying why not."""
+    try:
+        values = sorted({int(v) for v in str(text).split(",") if v.strip()})
+    except ValueError:
+        raise UserError(f"{flag} must be a comma list of integers like 8,16,32, got {text!r}") from None
+    if not values:
+        raise UserError(f"{flag} is empty: give a comma list of integers like 8,16,32")
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
 # Device and dtype
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    """A dtype name (float32, bfloat16, float16, float64 or a short form) as a torch.dtype: the one
+    place the names are read."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}: use float32, bfloat16, float16 or float64")
+    return DTYPES[dtype]
 
 
 def available_devices() -> list:
@@ -108,10 +154,8 @@ def cpu_has_fast_bf16() -> bool:
 
 def pick_autocast_dtype(device: torch.device, requested: str = "auto", verbose: bool = True):
     """The autocast dtype for training: bf16 where the hardware runs it natively, else None (fp32)."""
-    if requested == "float32":
-        dtype, why = None, "requested"
-    elif requested == "bfloat16":
-        dtype, why = torch.bfloat16, "requested"
+    if requested in ("float32", "bfloat16"):
+        dtype, why = (None if requested == "float32" else parse_dtype(requested)), "requested"
     elif requested != "auto":
         raise UserError(f"unknown --dtype {requested!r}: use auto, float32 or bfloat16")
     elif device.type == "cuda" and torch.cuda.is_bf16_supported():

@@ -30,16 +30,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from errors import UserError
 from model import GPT
+
+DRAFT_LEN = 16  # K, the default draft length: the pending token x_s plus K-1 drafts
+
+
+def check_draft_lens(lens, name: str = "draft length") -> list:
+    """Draft lengths K as they come in (flags, files, API calls), checked in this one place:
+    integers >= 2, the pending token plus at least one draft. Returns them sorted."""
+    for K in lens:
+        if isinstance(K, bool) or not isinstance(K, int) or K < 2:
+            raise UserError(f"{name} must be >= 2 (the pending token plus at least one draft), got {K!r}")
+    return sorted(lens)
 
 
 class DiffusionHead(nn.Module):
-    def __init__(self, base: GPT, mask_id: int, trained_draft_lens=(16,)):
+    def __init__(self, base: GPT, mask_id: int, draft_lens=(DRAFT_LEN,)):
         super().__init__()
         if not 0 <= mask_id < base.config.vocab_size:
             raise ValueError(f"mask_id {mask_id} is outside the vocabulary (size {base.config.vocab_size})")
         self.mask_id = mask_id
-        self.trained_draft_lens = sorted(int(k) for k in trained_draft_lens)
+        self.draft_lens = sorted(int(k) for k in draft_lens)  # the lengths K it was trained for
         # the head's own attention, one per layer, starting as an exact copy of the base's
         self.attn = nn.ModuleList(copy.deepcopy(layer.self_attn) for layer in base.layers)
         self.mask_embedding = nn.Parameter(base.embed_tokens.weight[mask_id].detach().clone())
@@ -47,11 +59,11 @@ class DiffusionHead(nn.Module):
             p.requires_grad_(True)
 
     def head_config(self) -> dict:
-        return {"mask_id": self.mask_id, "trained_draft_lens": list(self.trained_draft_lens)}
+        return {"mask_id": self.mask_id, "trained_draft_lens": list(self.draft_lens)}  # the stored format
 
     @property
-    def max_trained_draft_len(self) -> int:
-        return max(self.trained_draft_lens)
+    def max_draft_len(self) -> int:
+        return max(self.draft_lens)
 
     def embed_block(self, base: GPT, tokens: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, T, n_embd) where every MASK id uses the head's MASK embedding."""

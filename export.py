@@ -23,7 +23,7 @@ import os
 import torch
 
 from checkpoint import load_checkpoint, load_model, open_model, save_checkpoint, state_sha256
-from cli import ArgumentParser, run_cli
+from cli import ArgumentParser, parse_dtype, run_cli
 from errors import UserError
 from pretrained.official import export_official
 
@@ -62,7 +62,7 @@ def main(argv=None):
         raise UserError(f"--out {args.out} is a folder; pass a file name, e.g. {os.path.join(args.out, 'model.pt')}")
     ckpt = load_checkpoint(args.ckpt)
     load_model(ckpt)  # a damaged checkpoint fails here, with its one-line reason, not in the shipped copy
-    out = export_checkpoint(ckpt, getattr(torch, args.dtype))
+    out = export_checkpoint(ckpt, parse_dtype(args.dtype))
     try:
         save_checkpoint(out, args.out)
     except OSError as e:  # a parent that is a file, no permission, a full disk
@@ -82,7 +82,7 @@ def export_official_folder(args):
         raise UserError(f"{args.ckpt} has no diffusion head: train one with `python train.py --stage head`")
     source = info.get("path") if info.get("format") != "orthrus-head" else info["ckpt"]["base_path"]
     source = source if source and os.path.isdir(source) else None  # tokenizer files come from a HF folder, else are written
-    summary = export_official(base, head, args.out, tokenizer=tokenizer, source=source, dtype=getattr(torch, args.dtype))
+    summary = export_official(base, head, args.out, tokenizer=tokenizer, source=source, dtype=parse_dtype(args.dtype))
     print(f"wrote {args.out}: official Orthrus folder ({args.dtype}); {summary}")
     return args.out
 

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from consensus import greedy_verify, speculative_verify
 from decoding import start_decode, sync_device
-from diffusion_head import DiffusionHead
+from diffusion_head import DRAFT_LEN, DiffusionHead, check_draft_lens
 from errors import UserError
 from model import GPT, kv_bytes
 from sampling import GREEDY, Sampling, greedy
@@ -112,7 +112,7 @@ def generate_speculative(base: GPT, drafter, prompt: list, max_new_tokens: int, 
     return committed.tokens, stats
 
 
-def generate_orthrus(base: GPT, head: DiffusionHead, prompt: list, max_new_tokens: int, draft_len: int = 16,
+def generate_orthrus(base: GPT, head: DiffusionHead, prompt: list, max_new_tokens: int, draft_len: int = DRAFT_LEN,
                      denoise_steps: int = 1, **kwargs):
     """Orthrus decoding: `generate_speculative` with the diffusion view as the drafter."""
     return generate_speculative(base, DiffusionDrafter(base, head, draft_len, denoise_steps), prompt,
@@ -142,9 +142,8 @@ class DiffusionDrafter:
 
     name = "orthrus"
 
-    def __init__(self, base: GPT, head: DiffusionHead, draft_len: int = 16, denoise_steps: int = 1):
-        if draft_len < 2:
-            raise UserError(f"draft length must be >= 2 (the pending token plus at least one draft), got {draft_len}")
+    def __init__(self, base: GPT, head: DiffusionHead, draft_len: int = DRAFT_LEN, denoise_steps: int = 1):
+        check_draft_lens([draft_len])
         if denoise_steps < 1:
             raise UserError(f"denoise steps must be >= 1, got {denoise_steps}")
         self.base, self.head = base, head

@@ -38,10 +38,10 @@ import torch.nn.functional as F
 
 from benchmarks import estimate
 from checkpoint import build_base, clean_state_dict, load_checkpoint, same_tokenizer, save_checkpoint, state_sha256, tokenizer_model_tensor
-from cli import (ArgumentParser, add_dataclass_flags, autocast, dataclass_from, fmt_time, pick_autocast_dtype, pick_device,
-                 run_cli)
+from cli import (ArgumentParser, add_dataclass_flags, autocast, dataclass_from, fmt_time, int_list, pick_autocast_dtype,
+                 pick_device, run_cli)
 from decoding import sync_device
-from diffusion_head import DiffusionHead, choose_anchors, chunked_head_loss, expected_tokens_per_cycle, response_anchors
+from diffusion_head import DiffusionHead, check_draft_lens, choose_anchors, chunked_head_loss, expected_tokens_per_cycle, response_anchors
 from errors import UserError
 from model import GPT, GPTConfig, config_field
 from pretrained import is_pretrained_path, load_pretrained, read_config
@@ -320,13 +320,7 @@ def check_draft_fits(draft_lens: list, seq_len: int):
 
 
 def parse_draft_lens(text: str) -> list:
-    try:
-        lens = sorted({int(x) for x in str(text).split(",") if x.strip()})
-    except ValueError:
-        raise UserError(f"--draft-lens must be a comma list of integers like 8,16,32, got {text!r}") from None
-    if not lens or lens[0] < 2:
-        raise UserError(f"--draft-lens needs lengths >= 2 (one pending token + at least one draft), got {text!r}")
-    return lens
+    return check_draft_lens(int_list(text, "--draft-lens"), "--draft-lens")
 
 
 def base_kv_and_logits(base: GPT, idx: torch.Tensor):

@@ -15,10 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.drafters import DraftModelDrafter, PromptLookupDrafter
+from cli import int_list, parse_dtype
 from checkpoint import load_checkpoint, load_ckpt_tokenizer, load_model, open_model, same_tokenizer
 from consensus import acceptance_histogram
 from data.prompts import read_prompt_file
 from decoding import sync_device
+from diffusion_head import check_draft_lens
 from errors import UserError
 from model import GPT, GPTConfig, kv_bytes
 from orthrus import DiffusionDrafter, generate, generate_speculative
@@ -320,7 +322,7 @@ class Bench:
     stops at its end of turn)."""
 
     def __init__(self, args, device):
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+        dtype = parse_dtype(args.dtype)
         if not args.ckpt:
             raise UserError(f"--suite {args.suite} needs --ckpt PATH of a base+head checkpoint (train.py --stage head)")
         prompt_texts = [r["prompt"] for r in read_prompt_file(args.prompts)] if args.prompts else None  # fails before loading
@@ -372,14 +374,16 @@ class Bench:
         self.device = device
 
 
-def int_list(text, flag, minimum):
-    try:
-        values = sorted({int(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise UserError(f"{flag} must be a comma list of integers, got {text!r}") from None
-    if not values or values[0] < minimum:
+def counts(text, flag, minimum=1):
+    """A comma list of counts (--gammas, --prompt-lens), each >= minimum."""
+    values = int_list(text, flag)
+    if values[0] < minimum:
         raise UserError(f"{flag} values must be >= {minimum}, got {text!r}")
     return values
+
+
+def draft_lens(text, flag="--draft-lens"):
+    return check_draft_lens(int_list(text, flag), flag)
 
 
 def names_list(text, flag, allowed):
@@ -394,11 +398,11 @@ def compare_methods(args, bench: Bench):
     kinds = names_list(args.methods, "--methods", ("ar", "orthrus", "draft-model", "prompt-lookup"))
     methods = [ar_method()]
     if "orthrus" in kinds:
-        methods += [orthrus_method(bench.base, bench.head, K) for K in int_list(args.draft_lens, "--draft-lens", 2)]
+        methods += [orthrus_method(bench.base, bench.head, K) for K in draft_lens(args.draft_lens)]
     if "draft-model" in kinds and bench.draft_model is not None:
-        methods += [draft_model_method(bench.base, bench.draft_model, g) for g in int_list(args.gammas, "--gammas", 1)]
+        methods += [draft_model_method(bench.base, bench.draft_model, g) for g in counts(args.gammas, "--gammas")]
     if "prompt-lookup" in kinds:
-        methods += [prompt_lookup_method(g) for g in int_list(args.lookup_gammas, "--lookup-gammas", 1)]
+        methods += [prompt_lookup_method(g) for g in counts(args.lookup_gammas, "--lookup-gammas")]
     return methods
 
 
@@ -469,7 +473,7 @@ def labelled_paths(text, flag):
 def suite_ablations(args, device):
     bench = Bench(args, device)
     base, head, prompts = bench.base, bench.head, bench.prompts
-    K, n_new = args.ablation_k, args.max_new_tokens
+    K, n_new = args.draft_len, args.max_new_tokens
     which = names_list(args.ablations, "--ablations", ("denoise", "heads", "prompt-length", "memory", "tokenizer"))
     results = {"machine": machine(device), "K": K}
 
@@ -493,7 +497,7 @@ def suite_ablations(args, device):
                      ("identical to AR", "{identical}/{prompts}")], records))
 
     if "heads" in which and args.heads:
-        Ks = int_list(args.draft_lens, "--draft-lens", 2)
+        Ks = draft_lens(args.draft_lens)
         records = []
         for label, path in labelled_paths(args.heads, "--heads"):
             hckpt = load_checkpoint(path)
@@ -521,7 +525,7 @@ def suite_ablations(args, device):
         ctx, new = base.config.context_len, min(64, n_new)
         methods = [ar_method(), orthrus_method(base, head, K)]
         records = []
-        for length in int_list(args.prompt_lens, "--prompt-lens", 1):
+        for length in counts(args.prompt_lens, "--prompt-lens"):
             if length + new > ctx:
                 continue
             ps = val_prompts(bench.data_dir, bench.meta, args.num_prompts, length)
@@ -591,9 +595,9 @@ def check_lists(args):
     names_list(args.methods, "--methods", ("ar", "orthrus", "draft-model", "prompt-lookup"))
     names_list(args.modes, "--modes", ("greedy", "sampling"))
     names_list(args.ablations, "--ablations", ("denoise", "heads", "prompt-length", "memory", "tokenizer"))
-    for flag, text, minimum in (("--draft-lens", args.draft_lens, 2), ("--gammas", args.gammas, 1),
-                                ("--lookup-gammas", args.lookup_gammas, 1), ("--prompt-lens", args.prompt_lens, 1)):
-        int_list(text, flag, minimum)
+    draft_lens(args.draft_lens)
+    for flag, text in (("--gammas", args.gammas), ("--lookup-gammas", args.lookup_gammas), ("--prompt-lens", args.prompt_lens)):
+        counts(text, flag)
     labelled_paths(args.heads, "--heads")
     labelled_paths(args.tokenizer_ckpts, "--tokenizer-ckpts")
 

@@ -77,7 +77,7 @@ DATA = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(DATA))  # the repository root
 
 from checkpoint import build_base, load_checkpoint, open_model, save_checkpoint, state_sha256  # noqa: E402
-from cli import ArgumentParser, fmt_time, pick_device, run_cli, set_threads  # noqa: E402
+from cli import ArgumentParser, add_runtime_flags, add_sampling_flags, fmt_time, pick_device, run_cli, set_threads  # noqa: E402
 from data.prompts import read_prompt_file, read_prompt_folder, split_prompts  # noqa: E402
 from errors import UserError  # noqa: E402
 from sampling import Sampling  # noqa: E402
@@ -97,28 +97,22 @@ def build_parser():
     p.add_argument("--row-len", type=int, default=0, help="tokens per row (0 = the base's context in corpus mode, "
                    "512 in prompts mode)")
     p.add_argument("--prompt-len", type=int, default=32, help="corpus mode: corpus tokens that open each row")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (corpus mode: > 0, "
-                   "greedy text loops; prompts mode: 0 = greedy)")
-    p.add_argument("--top-k", type=int, default=0, help="top-k for sampling (0 = off)")
     p.add_argument("--batch-size", type=int, default=None, help="rows generated together, one shard each "
                    "(default: 64 in corpus mode, 32 in prompts mode)")
-    p.add_argument("--seed", type=int, default=1337, help="seeds the prompt choice and the sampler")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--prompts", default=None, metavar="PATH", help="prompts mode: a data/chat_prompts.py folder or "
                    "a prompt file (JSONL with \"prompt\", or plain text)")
     p.add_argument("--base", default=None, metavar="MODEL", help="prompts mode: a .gguf file, a Hugging Face "
                    "folder or one of our .pt checkpoints")
     p.add_argument("--chat", choices=["auto", "true", "false"], default="auto", help="prompts mode: answer in the "
                    "model's chat format (auto: when it has one)")
-    p.add_argument("--top-p", type=float, default=None, help="prompts mode: nucleus sampling (default 1 = off)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="prompts mode: longest answer (default 256)")
     p.add_argument("--max-prompts", type=int, default=0, help="prompts mode: answer only the first N training "
                    "prompts (0 = all; the held-out prompts are all answered)")
     p.add_argument("--rows-per-file", type=int, default=2048, help="prompts mode: packed rows per rows_*.pt file")
     p.add_argument("--pack-into", default=None, metavar="DIR", help="prompts mode: generate nothing; pack the shards "
                    "--out-dir holds so far into DIR (train a head on them while generation goes on)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default, which follows "
-                   "OMP_NUM_THREADS)")
+    add_sampling_flags(p, temperature=0.8, top_p=None, seed_help="seeds the prompt choice and the sampler")
+    add_runtime_flags(p, threads=0)
     return p
 
 

@@ -20,12 +20,13 @@ import time
 
 import torch
 
+from cli import parse_dtype
 from errors import UserError
 from model import GPTConfig
 from pretrained.bpe import BPETokenizer, gguf_fields, open_gguf
 from pretrained.gguf import gguf_config, load_gguf
 from pretrained.hf import hf_config_to_gpt, load_hf_folder
-from pretrained.loading import as_dtype, read_json
+from pretrained.loading import read_json
 
 
 def is_pretrained_path(path) -> bool:
@@ -47,7 +48,7 @@ def load_pretrained(path, device="cpu", dtype=torch.float32, *, context_len=None
     path = os.fspath(path)
     if not os.path.exists(path):
         raise UserError(f"no such model file or folder: {path}")
-    device, dtype = torch.device(device), as_dtype(dtype)
+    device, dtype = torch.device(device), parse_dtype(dtype)
     if os.path.isdir(path):
         base, head, tok, info = load_hf_folder(path, device, dtype, context_len, mask_id)
     elif path.endswith(".gguf"):

@@ -12,6 +12,7 @@ import os
 import re
 from collections import Counter
 
+from diffusion_head import DRAFT_LEN, check_draft_lens
 from errors import UserError, first_line
 from model import GPTConfig
 from pretrained import loading
@@ -125,20 +126,21 @@ def load_hf_folder(folder, device, dtype, context_len, mask_id):
         if cfg.get("model_type") != "qwen3":
             raise UserError(f"{folder}: an official Orthrus folder must be Qwen3, got model_type {cfg.get('model_type')!r}")
         block_size, official_mask = cfg.get("block_size"), cfg.get("mask_token_id")
-        if not isinstance(block_size, int) or block_size < 2 or not isinstance(official_mask, int) \
-                or not 0 <= official_mask < config.vocab_size:
-            raise UserError(f"{folder}: config.json needs an integer block_size >= 2 and a mask_token_id in "
-                            f"0..{config.vocab_size - 1} (official Orthrus format), got {block_size!r}, {official_mask!r}")
+        if not isinstance(official_mask, int) or not 0 <= official_mask < config.vocab_size:
+            raise UserError(f"{folder}: config.json needs a mask_token_id in 0..{config.vocab_size - 1} (official "
+                            f"Orthrus format), got {official_mask!r}")
+        check_draft_lens([block_size], f"{folder}: config.json's block_size")
         if mask_id is not None and mask_id != official_mask:
             raise UserError(f"mask_id {mask_id} differs from the folder's mask_token_id {official_mask}; leave mask_id unset")
         mask_id = official_mask
         lens = cfg.get("orthrus_trained_draft_lens") or [block_size]
-        if not isinstance(lens, list) or not all(isinstance(k, int) and k >= 2 for k in lens):
-            raise UserError(f"{folder}: orthrus_trained_draft_lens must be a list of integers >= 2, got {lens!r}")
+        if not isinstance(lens, list):
+            raise UserError(f"{folder}: orthrus_trained_draft_lens must be a list, got {lens!r}")
+        check_draft_lens(lens, f"{folder}: each of orthrus_trained_draft_lens")
     tok = BPETokenizer.from_hf_folder(folder, vocab_size=config.vocab_size, mask_id=mask_id)
 
     base, head = empty_models(config, device, dtype, head_mask_id=tok.mask_id if official else None,
-                              trained_draft_lens=lens if official else (16,))
+                              draft_lens=lens if official else (DRAFT_LEN,))
     base_params = dict(base.named_parameters())  # a tied lm_head is the embedding: listed once
     fill = Filler(base_params, folder)
     head_fill = Filler({f"model.layers.{i}.self_attn.{n}_diff.weight": getattr(head.attn[i], n).weight

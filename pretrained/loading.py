@@ -11,30 +11,21 @@ import os
 
 import torch
 
-from diffusion_head import DiffusionHead
+from diffusion_head import DRAFT_LEN, DiffusionHead
 from errors import UserError, first_line
 from model import GPT, GPTConfig, rope_table
 
 CHUNK_VALUES = 1 << 22  # big tensors are read and converted in row chunks of about this many values
 
 
-def as_dtype(dtype):
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in names:
-        raise UserError(f"unknown dtype {dtype!r}: use float32, bfloat16, float16 or float64")
-    return names[dtype]
 
-
-def empty_models(config: GPTConfig, device, dtype, head_mask_id=None, trained_draft_lens=(16,)):
+def empty_models(config: GPTConfig, device, dtype, head_mask_id=None, draft_lens=(DRAFT_LEN,)):
     """A GPT (and a DiffusionHead when head_mask_id is given) with uninitialised storage: built on
     the meta device, so no random init and no second copy; the caller fills every parameter.
     Non-persistent buffers (the RoPE table) are recomputed for real."""
     with torch.device("meta"):
         base = GPT(config)
-        head = DiffusionHead(base, head_mask_id, trained_draft_lens) if head_mask_id is not None else None
+        head = DiffusionHead(base, head_mask_id, draft_lens) if head_mask_id is not None else None
     base = base.to(dtype=dtype).to_empty(device=device)
     if config.tie_embeddings:  # to_empty gives each module its own new tensor: tie again
         base.lm_head.weight = base.embed_tokens.weight

@@ -25,9 +25,11 @@ import shutil
 
 import torch
 
+from diffusion_head import check_draft_lens
+from cli import parse_dtype
 from errors import UserError
 from model import GPT
-from pretrained.loading import as_dtype, read_json
+from pretrained.loading import read_json
 
 OFFICIAL_DIFF = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")  # head.attn[i].<name>
 BASE_ROWS_FILE = "orthrus_base_rows.safetensors"
@@ -77,12 +79,10 @@ def export_official(base: GPT, head, out_dir, *, tokenizer=None, source=None, bl
         raise UserError("the official Orthrus format is Qwen3-only; this base is Llama-family (no q/k norm)")
     if head is None:
         raise UserError("export_official needs a diffusion head (train one first)")
-    block_size = int(block_size or head.max_trained_draft_len)
-    if block_size < 2:
-        raise UserError(f"block_size must be >= 2, got {block_size}")
+    block_size = check_draft_lens([block_size or head.max_draft_len], "block_size")[0]
     if source is not None and os.path.abspath(source) == os.path.abspath(out_dir):
         raise UserError(f"export_official would overwrite its source folder {source}; write to a new folder")
-    dtype = as_dtype(dtype) if dtype is not None else base.embed_tokens.weight.dtype
+    dtype = parse_dtype(dtype) if dtype is not None else base.embed_tokens.weight.dtype
     m = head.mask_id
     cpu = lambda t: t.detach().to(device="cpu", dtype=dtype).contiguous()  # noqa: E731
 
@@ -139,7 +139,7 @@ def export_official(base: GPT, head, out_dir, *, tokenizer=None, source=None, bl
         "attention_bias": False, "use_sliding_window": False, "tie_word_embeddings": tied_out,
         "dtype": str(dtype).replace("torch.", ""),
         "block_size": block_size, "mask_token_id": m,
-        "orthrus_trained_draft_lens": list(head.trained_draft_lens),
+        "orthrus_trained_draft_lens": list(head.draft_lens),
     })
     if c.tie_embeddings and not tied_out:
         cfg["orthrus_base_tied"] = True

@@ -73,7 +73,7 @@ def test_bench_bad_input(tiny, tmp_path, capsys):
         return expect_user_error(bench.main, ["--device", "cpu", "--prompt-len", "8", "--max-new-tokens", "8", *argv], capsys)
 
     assert "no diffusion head" in error("--ckpt", tiny["base"])
-    assert "--draft-lens values must be >= 2" in error("--ckpt", tiny["head"], "--draft-lens", "1,4")
+    assert "--draft-lens must be >= 2" in error("--ckpt", tiny["head"], "--draft-lens", "1,4")
     assert "unknown --methods" in error("--ckpt", tiny["head"], "--methods", "orthrus,medusa")
     assert "exceeds the model's context of 64" in error("--ckpt", tiny["head"], "--prompt-len", "60")
     assert "--max-new-tokens must be >= 1" in error("--ckpt", tiny["head"], "--max-new-tokens", "0")

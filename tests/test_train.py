@@ -473,7 +473,7 @@ HEAD_ERRORS = [
     ("missing_base", "needs --base-ckpt PATH"),
     ("nonexistent_base", "not found"),
     ("sentencepiece_data", "tokenized with sentencepiece"),
-    ("draft_lens_1", "--draft-lens needs lengths >= 2"),
+    ("draft_lens_1", "--draft-lens must be >= 2"),
     ("draft_lens_junk", "comma list of integers"),
     ("draft_len_too_long", "too long for training sequences of 64"),
     ("loss_typo", "invalid choice: 'kll'"),
