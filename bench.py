@@ -51,7 +51,7 @@ def build_parser():
     p.add_argument("--loop-threshold", type=float, default=0.5, help="distinct-8 below this counts as looping text")
     p.add_argument("--ablations", default="denoise,heads,prompt-length,memory,tokenizer", help="ablations suite: which")
     p.add_argument("--draft-len", "--ablation-k", dest="draft_len", type=int, default=8,
-                   help="ablations: Orthrus draft length K (the CPU head's best; --ablation-k is the old name)")
+                   help="ablations: Orthrus draft length K (the CPU head's best; also --ablation-k)")
     p.add_argument("--heads", default="", help="ablations: label=path,... other heads trained on the same base (KL vs CE, corpus vs self)")
     p.add_argument("--prompt-lens", default="32,128,256,384,448", help="ablations: prompt lengths toward the context limit")
     p.add_argument("--tokenizer-ckpts", default="", help="ablations: label=path,... base+head checkpoints with other tokenizers")

@@ -155,8 +155,7 @@ def tensor_bytes(t: torch.Tensor):
 
 def state_sha256(state_dict: dict) -> str:
     """A hash of a model's tensors (names, dtypes, shapes, values): identifies a base model
-    independently of the file it came in (optimizer state, step, etc. do not count).
-    Digest-compatible with the original `bytes(t.clone().untyped_storage())` definition."""
+    independently of the file it came in (optimizer state, step, etc. do not count)."""
     h = hashlib.sha256()
     for name in sorted(state_dict):
         t = state_dict[name]

@@ -1,40 +1,24 @@
 """
 Orthrus decoding (arXiv 2605.12825, Sec. 3.2, Algorithm 1): a frozen AR GPT (model.py) drafts
 with its diffusion view (diffusion_head.py) and verifies with its AR view, over ONE KV cache.
-Plain autoregressive decoding (`generate`) lives here too, so the two can be read side by side.
+Plain autoregressive decoding (`generate`, and `generate_batch` for many prompts) lives here too.
 
-One cycle, the whole method (`generate_speculative` below, step for step):
+One cycle of `generate_speculative`, after the prefill wrote cache[0, s) and chose x_s (pending):
+  draft    the diffusion view runs once over [x_s, MASK x (K-1)], reading the cache in place and
+           writing nothing: drafts d_1..d_{K-1}
+  verify   the AR view runs once over [x_s, d_1..d_{K-1}], writing cache[s, s+K)
+  accept   consensus.py: the longest agreed prefix d_1..d_n plus one token of the AR view
+  commit   crop the cache to s+1+n; the AR view's token is the new pending one
 
-    prefill  the AR view runs over the prompt, writing cache[0, s); its last logits give the
-             first new token x_s, which is committed but "pending" (not yet in the cache)
-    repeat:
-      draft    the diffusion view runs once over [x_s, MASK x (K-1)] at positions s..s+K-1,
-               reading the AR cache of [0, s) in place and writing nothing: drafts d_1..d_{K-1}
-      verify   the AR view runs once over [x_s, d_1..d_{K-1}], writing cache[s, s+K)
-      accept   consensus.py: the longest agreed prefix d_1..d_n plus one token from the AR view
-               (the bonus, or the correction at the first disagreement)
-      commit   d_1..d_n and that token; crop the cache to s+1+n (x_s and the accepted drafts
-               stay, the rejected tail goes); the AR view's token is the new pending one
-
-The loop takes any *drafter*; the diffusion view is one (`DiffusionDrafter`), and benchmarks/drafters.py
-holds the baselines (a separate draft model, prompt lookup). A drafter has one small interface:
-
+The loop takes any *drafter* (the diffusion view; benchmarks/drafters.py holds the baselines):
     max_drafts                  the most tokens it proposes per cycle (Orthrus: K-1)
-    start(prompt, capacity)     forget any state from an earlier sequence; at most `capacity`
-                                positions will be committed (size a cache of its own to that)
+    start(prompt, capacity)     forget earlier state; at most `capacity` positions will be committed
     propose(cache, sequence, n, sampling) -> Proposal(tokens, p_draft, passes)
-                                n drafts after `sequence` (committed tokens, the last one pending;
-                                the cache holds all but that one), the exact distribution each
-                                was drawn from (None: a deterministic proposal), and the forward
-                                passes it spent
-    rollback(n_valid)           only sequence[:n_valid] is committed now; drop what it holds past it
-
-Orthrus keeps no state of its own between cycles: the AR view's KV cache is the only persistent
-memory, and the diffusion view holds one block's K/V only while its pass runs
-(`DiffusionDrafter.transient_bytes`). Reading order below: the cycle (`generate_speculative`),
-its prefill, the diffusion view's draft pass (`DiffusionDrafter.propose`), then plain AR.
+                                n drafts after `sequence` (its last token pending), the law each
+                                was drawn from (None: deterministic), the forward passes spent
+    rollback(n_valid)           only sequence[:n_valid] is committed now
+Orthrus keeps no state between cycles: the AR view's cache is its only persistent memory.
 """
-
 import math
 import time
 from typing import NamedTuple

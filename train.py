@@ -41,11 +41,14 @@ from checkpoint import build_base, clean_state_dict, load_checkpoint, same_token
 from cli import (ArgumentParser, add_dataclass_flags, autocast, dataclass_from, fmt_time, int_list, pick_autocast_dtype,
                  pick_device, run_cli)
 from decoding import sync_device
-from diffusion_head import DiffusionHead, check_draft_lens, choose_anchors, chunked_head_loss, expected_tokens_per_cycle, response_anchors
+from diffusion_head import DiffusionHead, check_draft_lens
 from errors import UserError
 from model import GPT, GPTConfig, config_field
 from pretrained import is_pretrained_path, load_pretrained, read_config
+from training.anchors import choose_anchors, response_anchors
+from training.attention import grouped_attention
 from training.data import TokenData, load_data, read_data_meta
+from training.loss import chunked_head_loss, expected_tokens_per_cycle
 from training.ranks import Ranks
 
 
@@ -404,7 +407,8 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
             with torch.no_grad():  # the frozen base: no graph, no gradient for its keys and values
                 teacher, ks, vs = base_kv_and_logits(base, idx)
                 teacher_logp = F.log_softmax(teacher.float(), dim=-1)  # once per position, shared by its blocks
-            hidden = trainable(base, idx, ks, vs, anchors, K, cfg.grad_checkpoint, mask_first=mask_first)  # maybe DDP
+            hidden = trainable(base, idx, ks, vs, anchors, K, mask_first=mask_first, attention=grouped_attention(),
+                               checkpoint_layers=cfg.grad_checkpoint)  # maybe DDP
             loss, agree = chunked_head_loss(base, hidden, teacher_logp, idx, anchors, cfg.loss, weight,
                                             cfg.loss_chunk_logits, position_decay)
         if global_blocks is not None:

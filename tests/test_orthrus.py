@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from diffusion_head import DiffusionHead, choose_anchors, head_loss
+from diffusion_head import DiffusionHead, head_loss
+from training.anchors import choose_anchors
 from model import GPT, GPTConfig
 from errors import UserError
 from orthrus import DiffusionDrafter, generate, generate_orthrus, generate_speculative
