@@ -28,8 +28,7 @@ DRAFT_LEN = 16  # K, the default draft length: the pending token x_s plus K-1 dr
 
 
 def check_draft_lens(lens, name: str = "draft length") -> list:
-    """Draft lengths K as they come in (flags, files, API calls), checked in this one place:
-    integers >= 2, the pending token plus at least one draft. Returns them sorted."""
+    """Draft lengths K as they come in (flags, files, API calls), checked here only; sorted."""
     for K in lens:
         if isinstance(K, bool) or not isinstance(K, int) or K < 2:
             raise UserError(f"{name} must be >= 2 (the pending token plus at least one draft), got {K!r}")
@@ -88,14 +87,12 @@ class DiffusionHead(nn.Module):
     def block_hidden_for_training(self, base: GPT, idx: torch.Tensor, base_k: list, base_v: list,
                                   anchors: torch.Tensor, draft_len: int, mask_first=None, attention=None,
                                   checkpoint_layers: bool = False) -> torch.Tensor:
-        """idx: (B, T) a training sequence; base_k/base_v: per layer (B, Hkv, T, D), the frozen
-        base's keys/values over idx (what its KV cache would hold); anchors: (N,) positions s whose
-        whole block lies inside the sequence. Returns the last hidden states (B, N, K, n_embd), equal
-        to N separate draft passes with the cache holding idx[:, :s].
-        mask_first: optional (N,) bool, blocks that open with MASK instead of x_s (the layout of a
-        block drafted before x_s is known; targets unchanged). attention(anchors, T, K) -> attend:
-        how block queries attend (default one_call_attention; training/attention.py groups blocks).
-        checkpoint_layers: recompute each layer's activations in backward (less memory)."""
+        """idx (B, T); base_k/base_v: per layer (B, Hkv, T, D), the frozen base's K/V over idx; anchors
+        (N,) positions s whose block fits the sequence. Returns the last hidden states (B, N, K, n_embd)
+        of N draft passes with the cache holding idx[:, :s]. mask_first: optional (N,) bool, blocks
+        opening with MASK instead of x_s (drafted before x_s is known). attention(anchors, T, K) ->
+        attend (default one_call_attention; training/attention.py groups blocks). checkpoint_layers:
+        recompute each layer's activations in backward."""
         B, T = idx.shape
         K, N = draft_len, anchors.numel()
         positions = (anchors[:, None] + torch.arange(K, device=idx.device)[None, :]).reshape(N * K)  # of each block token

@@ -1,20 +1,14 @@
 """
-The autoregressive (AR) base model: a small decoder-only GPT whose block mirrors Qwen3, the
-backbone of the Orthrus paper (arXiv 2605.12825, Sec. 3), plus a preallocated, croppable KV cache.
-
-Layout of one layer (pre-norm, as in Qwen3):
+The autoregressive (AR) base model: a small decoder-only GPT whose block mirrors Qwen3 (the
+Orthrus paper's backbone, arXiv 2605.12825, Sec. 3), plus a preallocated, croppable KV cache.
+One layer, pre-norm:
     x = x + o_proj(attention(rope(q_norm(q_proj(rms(x)))), rope(k_norm(k_proj(rms(x)))), v_proj(rms(x))))
     x = x + down_proj(silu(gate_proj(rms(x))) * up_proj(rms(x)))
-
-Tensor names and shapes are Hugging Face Qwen3's without the "model." prefix (lm_head.weight is
-absent when tied); pretrained/ maps config.json and GGUF files onto GPTConfig.
-
-The seam for the Orthrus diffusion view (diffusion_head.py): `Attention.project` turns hidden
-states into rotated q, k, v, and `Attention.o_proj` maps the attention output back. The head owns
-a second `Attention` per layer and reuses everything else of a `Block`, reading the very K/V tensors
-this model wrote into its `KVCache`. This file knows nothing about the head.
+Tensor names are Hugging Face Qwen3's without "model." (pretrained/ maps real models onto this).
+The seam for the diffusion view (diffusion_head.py): `Attention.project` and `Attention.o_proj`;
+the head owns a second `Attention` per layer and reads the K/V this model wrote into its `KVCache`.
+This file knows nothing about the head.
 """
-
 import math
 from dataclasses import dataclass, field
 
@@ -107,6 +101,10 @@ class KVCache:
         if not 0 <= n <= self.length:
             raise RuntimeError(f"cannot crop the KV cache to {n}: it holds {self.length} positions")
         self.length = n
+
+    def keep_rows(self, rows: torch.Tensor):
+        """Keep only these batch rows (a finished sequence leaves a batch): a copy of those rows."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
 
 
 def kv_bytes(config: GPTConfig, positions: int, dtype=torch.float32) -> int:

@@ -224,3 +224,40 @@ def generate(base: GPT, prompt: list, max_new_tokens: int, sampling: Sampling = 
     sync_device(seq.device)
     stats.decode_seconds = time.perf_counter() - t0
     return committed.tokens, stats
+
+
+@torch.no_grad()
+def generate_batch(base: GPT, prompts: list, max_new_tokens: int, sampling: Sampling = GREEDY, stop_ids=(),
+                   pad_id: int = 0, compact: bool = True):
+    """AR decoding of many prompts (lists of ids, any lengths) together over one KV cache: rows are
+    left-padded to the longest prompt (GPT.forward(pad=...) hides the padding) and each stops at its
+    first id in stop_ids (kept in its answer) or after max_new_tokens. With compact, finished rows
+    leave the batch once a quarter of it has finished. Returns (answers [[id]], stopped [bool])."""
+    B, lens = len(prompts), [len(p) for p in prompts]
+    if B == 0 or min(lens) == 0:
+        raise ValueError("generate_batch needs at least one prompt and no empty prompt")
+    device, P = base.lm_head.weight.device, max(lens)
+    x = torch.full((B, P), pad_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        x[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
+    pad = torch.tensor([P - n for n in lens], dtype=torch.long, device=device)  # (B,) left padding per row
+    cache = base.new_cache(batch_size=B, capacity=P + max_new_tokens)
+    logits = base(x.to(device), cache, logits="last", pad=pad)[:, 0]  # (B, V)
+    stop = {int(s) for s in stop_ids}
+    answers, stopped = [[] for _ in range(B)], [False] * B
+    rows = list(range(B))  # the prompt each batch row answers
+    for step in range(max_new_tokens):
+        token = sampling.choose(logits)  # (rows,)
+        for b, t in zip(rows, token.tolist()):
+            if not stopped[b]:  # what a finished row draws afterwards is dropped
+                answers[b].append(t)
+                stopped[b] = t in stop
+        alive = [j for j, b in enumerate(rows) if not stopped[b]]
+        if not alive or step + 1 == max_new_tokens:
+            break
+        if compact and len(rows) - len(alive) >= max(1, len(rows) // 4):
+            keep = torch.tensor(alive, device=device)
+            cache.keep_rows(keep)
+            pad, token, rows = pad[keep], token[keep], [rows[j] for j in alive]
+        logits = base(token.view(-1, 1), cache, logits="last", pad=pad)[:, 0]
+    return answers, stopped
