@@ -32,7 +32,6 @@ Examples (from the repository root):
   python data/prepare.py --tokenizer-from path/to/Qwen3-0.6B --out-dir data/stdlib_qwen3   # a real model's own
   python data/prepare.py --tokenizer-from SmolLM2-135M-Instruct.Q4_1.gguf --out-dir data/stdlib_smol
 """
-import argparse
 import hashlib
 import http.client
 import json
@@ -48,7 +47,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # so `python data/prepare.py` can import tokenizer.py
 
 import tokenizer as tk  # noqa: E402
-from cli import run_cli  # noqa: E402
+from cli import ArgumentParser, run_cli  # noqa: E402
 from data.corpus import find_files, read_utf8, stdlib_root  # noqa: E402
 from errors import UserError  # noqa: E402  (one line `error: ...`, exit code 2)
 from pretrained import is_pretrained_path, load_model_tokenizer  # noqa: E402
@@ -62,15 +61,8 @@ TINYSTORIES_URL = (
 MIN_SPLIT_TOKENS = 1025
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + error, and catchable by main()
-        raise UserError(f"{message} (see --help)")
-
-
 def build_parser():
-    p = _Parser(description=__doc__.split("\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog="\n".join(__doc__.split("\n")[2:]))
+    p = ArgumentParser(__doc__)
     src = p.add_argument_group("corpus")
     src.add_argument("--source", choices=["stdlib", "tinystories"], default=None,
                      help="built-in corpus: the Python stdlib's source (default when no --input) "
@@ -339,11 +331,8 @@ def run(args):
 
 
 def main(argv=None):
-    try:
-        return run(build_parser().parse_args(argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """Returns 0; a user mistake is a UserError (run_cli: one line, exit code 2)."""
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
