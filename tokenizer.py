@@ -28,6 +28,8 @@ import os
 import re
 import sys
 
+import sentencepiece as spm
+import tiktoken
 import torch
 
 from errors import UserError, first_line
@@ -141,8 +143,6 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, model_file, model_bytes=None):
         """model_bytes: the .model file's content (checkpoints carry it, so they are self-contained);
         when given, model_file is only the name recorded in meta."""
-        import sentencepiece as spm
-
         if model_bytes is None:
             if not os.path.isfile(model_file):
                 raise UserError(
@@ -226,8 +226,6 @@ def train_sentencepiece(text_iter_or_file, model_prefix, vocab_size, max_lines=3
     thread, no random sentence sampling: we thin the lines ourselves). The model may end up
     with fewer than vocab_size pieces when the text is too small to learn that many merges.
     """
-    import sentencepiece as spm
-
     if vocab_size < SP_MIN_VOCAB:
         raise UserError(
             f"sentencepiece vocab size {vocab_size} is too small: 256 byte pieces and 4 special "
@@ -288,8 +286,6 @@ class TiktokenTokenizer(Tokenizer):
     kind = "tiktoken"
 
     def __init__(self, enc):
-        import tiktoken
-
         self.name = enc.name
         self.eot_id = enc._special_tokens.get(EOT_STRING)
         if self.eot_id is None:
@@ -318,8 +314,6 @@ class TiktokenTokenizer(Tokenizer):
 
 def get_tiktoken(name):
     """The tiktoken encoding `name` (e.g. "gpt2") with a MASK id added; clear error offline."""
-    import tiktoken
-
     if name not in tiktoken.list_encoding_names():
         raise UserError(
             f"unknown tiktoken encoding '{name}' (known: {', '.join(tiktoken.list_encoding_names())})"

@@ -6,7 +6,12 @@ encode(text, allow_special=True), encode_chat.
 """
 
 import hashlib
+import json
 import os
+import unicodedata
+
+import regex  # tiktoken's own dependency: the pre-tokenizers' \p{L} classes
+import tiktoken
 
 from errors import UserError, first_line
 from tokenizer import EOT_STRING, MASK_STRING, Tokenizer, _as_id_list, _check_encodable, load_tokenizer
@@ -95,9 +100,6 @@ class BPETokenizer(Tokenizer):
         """tokens: {id: bytes} ordinary tokens; merges: [(bytes, bytes)] in priority order;
         added: {id: str} added/special tokens; splits: pre-tokenizer regexes, applied in turn;
         special_ids: {"bos"/"eos"/"pad"/"unk"/"eot": id} as the model's files name them."""
-        import regex
-        import tiktoken
-
         self.name, self.path = name, path
         self.splits, self.normalizer = list(splits), normalizer
         self.chat_template = chat_template
@@ -193,8 +195,6 @@ class BPETokenizer(Tokenizer):
         return ids
 
     def _choose_mask_id(self):
-        import regex
-
         if self.vocab_size > self.n_tokens:
             i = self.n_tokens
             return i, (f"id {i}, the first padded embedding row (the model has {self.vocab_size} rows, the "
@@ -216,8 +216,6 @@ class BPETokenizer(Tokenizer):
     def _parse_chat_template(self, template):
         """ChatML (<|im_start|>role\\n...<|im_end|>\\n) when the template uses it and the tokens exist;
         its default system prompt (SmolLM2) and Qwen3's thinking switch are read off the template."""
-        import regex
-
         if isinstance(template, list):  # tokenizer_config.json may hold [{"name", "template"}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default") or next(iter(named.values()), None)
@@ -252,8 +250,6 @@ class BPETokenizer(Tokenizer):
     def encode(self, text, allow_special=False):
         _check_encodable(text)
         if self.normalizer == "NFC":
-            import unicodedata
-
             text = unicodedata.normalize("NFC", text)
         if not allow_special or self._added_re is None:
             return self._encode_ordinary(text)
@@ -374,8 +370,6 @@ class BPETokenizer(Tokenizer):
     def from_tokenizer_json(cls, data, *, chat_template=None, path=None, **kwargs):
         """From a Hugging Face tokenizer.json (a path or the parsed dict). Refuses anything that is
         not byte-level BPE (one line saying why)."""
-        import json
-
         where = path or "tokenizer.json"
         if not isinstance(data, dict):
             where, path = data, path or data
@@ -458,8 +452,6 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def from_hf_folder(cls, folder, **kwargs):
-        import json
-
         tj = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(tj):
             extra = " (it has tokenizer.model: a sentencepiece tokenizer, not supported)" if os.path.isfile(
@@ -536,8 +528,6 @@ def _splits_from_pre_tokenizer(pre, where):
             if "Regex" in pattern:
                 splits.append(pattern["Regex"])
             elif "String" in pattern:
-                import regex
-
                 splits.append(regex.escape(pattern["String"]))
             else:
                 raise UserError(f"{where}: Split pre-tokenizer without a pattern")
