@@ -223,7 +223,7 @@ def load_prompts(path, max_prompts: int = 0):
 
 
 def load_base_for_prompts(path, device):
-    """(base, tokenizer, description dict) from anything common.open_model reads."""
+    """(base, tokenizer, description dict) from anything checkpoint.open_model reads."""
     if not os.path.exists(path):
         raise UserError(f"--base {path} not found: pass a .gguf file, a Hugging Face model folder or a .pt checkpoint")
     base, _, tok, info = open_model(path, device)

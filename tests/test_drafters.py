@@ -1,4 +1,4 @@
-"""The baselines of speculative.py are exact too: two-model speculative decoding and prompt lookup,
+"""The baselines of benchmarks/drafters.py are exact too: two-model speculative decoding and prompt lookup,
 verified by consensus.py, give greedy AR's tokens (float64) and AR's sampling distribution; the
 draft model's own KV cache always holds exactly committed tokens."""
 
