@@ -36,7 +36,7 @@ def single_thread():
 
 
 def load_script(name):
-    """data/<name>.py as a module (data/ is a folder of scripts, not a package)."""
+    """data/<name>.py loaded from its file, the way `python data/<name>.py` runs it (a script)."""
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "data", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
