@@ -1,60 +1,25 @@
 """
-Consensus: the verifier that makes Orthrus lossless (arXiv 2605.12825; docs/method.md, "Verify pass").
+Consensus: the verifier that makes Orthrus lossless (arXiv 2605.12825, Sec. 3.2). Small pure
+functions on tensors that know nothing about models, caches or drafters, so they verify any of them.
 
-A few small pure functions on tensors. They know nothing about models, caches or how the drafts
-were made, so they verify any drafter: the diffusion view, a draft GPT, prompt lookup.
+Conventions (shifted, as in AR models): x_s is pending and the block at positions s..s+K-1 is
+[x_s, d_1, .., d_{K-1}]; draft_tokens (K-1,) are d_1..d_{K-1}; p_draft (K-1, V) row j is the law
+d_{j+1} was drawn from (after the same warping as the target); p_target (K, V) and target_argmax
+(K,) row i are the AR view's for position s+i+1 given [x_s, d_1..d_i] (row K-1: the bonus). Both
+verifiers return (n_accepted, next_token): d_1..d_{n_accepted} are committed, then next_token.
 
-Conventions (shifted, as in AR models). The last committed token x_s is pending; the block at
-positions s..s+K-1 is [x_s, d_1, .., d_{K-1}]:
-    draft_tokens  (K-1,)    d_1..d_{K-1}, the drafts for positions s+1..s+K-1
-    p_draft       (K-1, V)  row j: the distribution d_{j+1} was sampled from (after the same
-                            temperature/top-k/top-p warping as the target)
-    p_target      (K, V)    row i: the AR view's distribution for position s+i+1, given
-    target_argmax (K,)      [x_s, d_1..d_i]; row K-1 is the bonus position after all drafts
-Both verifiers return (n_accepted, next_token) as plain ints: d_1..d_{n_accepted} are
-committed, then next_token (a correction or the bonus), which becomes the next pending token.
-So every cycle commits n_accepted + 1 tokens, between 1 and K.
-
-Why the output equals the AR model's.
-
-Greedy. greedy_verify accepts d_{i+1} only if it equals target_argmax[i], the AR argmax for
-position s+i+1 given [prefix, x_s, d_1..d_i]. By induction on i, every accepted d is exactly
-the token greedy AR decoding would emit after the same committed prefix (the prefix it is
-conditioned on consists of committed tokens or accepted drafts, which equal greedy AR's). The
-next token is target_argmax[n_accepted], the AR argmax after the accepted prefix: again greedy
-AR's next token. So the committed sequence equals greedy AR token for token (in exact
-arithmetic; in bf16 a K-token verify pass can flip near-ties, see docs/method.md "Known pitfalls").
-
-Sampling (speculative sampling, Leviathan et al. 2023; Chen et al. 2023). Fix one position,
-with target p_target and draft p_draft (rows of the arrays above). The draft x ~ p_draft is
-accepted with probability min(1, p_target(x) / p_draft(x)); on rejection the emitted token is
-drawn from residual(y) = max(0, p_target(y) - p_draft(y)) / Z, Z = sum_y max(0, p_target(y) -
-p_draft(y)). The probability of rejecting is
-    sum_x p_draft(x) (1 - min(1, p_target(x)/p_draft(x))) = sum_x max(0, p_draft(x) - p_target(x))
-                                                          = 1 - sum_x min(p_draft(x), p_target(x)) = Z
-(both distributions sum to 1). Hence
-    P(emit y) = p_draft(y) min(1, p_target(y)/p_draft(y)) + Z * residual(y)
-              = min(p_draft, p_target)(y) + max(0, p_target(y) - p_draft(y)) = p_target(y).
-(If p_draft(y) = 0 the first term is 0 = min(p_draft, p_target)(y), so the identity holds.)
-Across positions: conditioned on the committed prefix, the token emitted at each position
-has law p_target(. | prefix) by the identity above; a rejection ends the cycle and the next
-cycle starts again from the committed prefix. By induction over positions (chain rule), the
-joint law of the committed tokens equals the AR model's sampling law. Note this needs
-p_target row i to be the AR distribution given d_1..d_i, which the verify pass provides, and
-p_draft to be exactly what the drafts were drawn from; p_draft may depend on earlier drafts
-or not (a diffusion view drafts all positions at once); a deterministic drafter has one-hot
-p_draft.
-
-Exactness in code: acceptance is decided as `u < min(1, p_target(x)/p_draft(x))` with u ~
-U[0, 1). IEEE division of equal numbers is exactly 1 and u < 1, so a draft with p_target(x) >=
-p_draft(x) is always accepted; a rejection therefore needs p_draft(x) > p_target(x), which
-(both rows summing to 1) implies Z > 0. residual_distribution only returns its fallback
-(p_target) when Z is exactly 0, i.e. on a branch reached with probability 0 in exact
-arithmetic (in floating point, only when the rows' sums differ by rounding, so with
-probability of order 1e-7 in float32). This is unlike a tolerance test such as "Z < 1e-6 ->
-use p_target", which is reached with probability Z whenever Z is small but positive and then
-emits from the wrong distribution (the small bias noted in docs/method.md).
+Why the output is the AR model's. Greedy: d_{i+1} is kept only if it equals the AR argmax after
+the same committed prefix, so by induction every committed token is greedy AR's. Sampling
+(Leviathan et al. 2023; Chen et al. 2023): x ~ p_draft is kept with probability
+min(1, p_target(x)/p_draft(x)), else a token is drawn from residual = max(0, p_target - p_draft)/Z.
+Rejection has probability sum_x max(0, p_draft(x) - p_target(x)) = Z, so
+P(emit y) = min(p_draft, p_target)(y) + max(0, p_target(y) - p_draft(y)) = p_target(y); a
+rejection ends the cycle, and by the chain rule the committed tokens have the AR sampling law.
+In code: u < min(1, p_target/p_draft) with u ~ U[0, 1) always keeps a draft with p_target >=
+p_draft (IEEE x/x is exactly 1), so a rejection implies Z > 0, and the residual's fallback to
+p_target is reached only when Z is exactly 0 (probability 0), never by a tolerance test.
 """
+
 import torch
 
 

@@ -1,7 +1,7 @@
 """
 The one exception type for mistakes in what a user gave us (flags, files, prompts, API arguments).
 
-Scripts print a UserError as one line, `error: ...`, and exit with code 2 (common.run_cli). Every
+Scripts print a UserError as one line, `error: ...`, and exit with code 2 (cli.run_cli). Every
 other exception is a defect in our own code and keeps its traceback: internal invariants fail
 loudly (assert, RuntimeError), never dressed up as a user mistake.
 

@@ -13,7 +13,7 @@ base stays in its Hugging Face folder or .gguf file.
 `--format official` writes base + head as an official Orthrus folder instead (a Qwen3 Hugging
 Face folder with `block_size`, `mask_token_id` and per-layer `*_diff` tensors), so the official
 code can run a head trained here; how the MASK embedding is placed without changing the AR model's
-outputs is explained in pretrained.py (export_official):
+outputs is explained in pretrained/official.py (export_official):
 
     python export.py --ckpt out/qwen3_head/ckpt.pt --format official --out out/orthrus-qwen3-folder
 """
@@ -22,7 +22,10 @@ import os
 
 import torch
 
-from common import ArgumentParser, UserError, load_checkpoint, load_model, open_model, run_cli, save_checkpoint, state_sha256
+from checkpoint import load_checkpoint, load_model, open_model, save_checkpoint, state_sha256
+from cli import ArgumentParser, parse_dtype, run_cli
+from errors import UserError
+from pretrained.official import export_official
 
 KEEP = ("kind", "format_version", "model_config", "model", "tokenizer", "tokenizer_model", "data_dir", "head_config",
         "head", "base_sha256", "base_path", "step", "train_config", "data_kind")
@@ -59,7 +62,7 @@ def main(argv=None):
         raise UserError(f"--out {args.out} is a folder; pass a file name, e.g. {os.path.join(args.out, 'model.pt')}")
     ckpt = load_checkpoint(args.ckpt)
     load_model(ckpt)  # a damaged checkpoint fails here, with its one-line reason, not in the shipped copy
-    out = export_checkpoint(ckpt, getattr(torch, args.dtype))
+    out = export_checkpoint(ckpt, parse_dtype(args.dtype))
     try:
         save_checkpoint(out, args.out)
     except OSError as e:  # a parent that is a file, no permission, a full disk
@@ -72,8 +75,6 @@ def main(argv=None):
 
 
 def export_official_folder(args):
-    from pretrained import export_official
-
     if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
         raise UserError(f"--out {args.out} exists and is not an empty folder; pass a new folder")
     base, head, tokenizer, info = open_model(args.ckpt)
@@ -81,7 +82,7 @@ def export_official_folder(args):
         raise UserError(f"{args.ckpt} has no diffusion head: train one with `python train.py --stage head`")
     source = info.get("path") if info.get("format") != "orthrus-head" else info["ckpt"]["base_path"]
     source = source if source and os.path.isdir(source) else None  # tokenizer files come from a HF folder, else are written
-    summary = export_official(base, head, args.out, tokenizer=tokenizer, source=source, dtype=getattr(torch, args.dtype))
+    summary = export_official(base, head, args.out, tokenizer=tokenizer, source=source, dtype=parse_dtype(args.dtype))
     print(f"wrote {args.out}: official Orthrus folder ({args.dtype}); {summary}")
     return args.out
 

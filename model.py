@@ -1,26 +1,22 @@
 """
-The autoregressive (AR) base model: a small decoder-only GPT whose block mirrors Qwen3, the
-backbone of the Orthrus paper (arXiv 2605.12825, Sec. 3), plus a preallocated, croppable KV cache.
-
-Layout of one layer (pre-norm, as in Qwen3):
+The autoregressive (AR) base model: a small decoder-only GPT whose block mirrors Qwen3 (the
+Orthrus paper's backbone, arXiv 2605.12825, Sec. 3), plus a preallocated, croppable KV cache.
+One layer, pre-norm:
     x = x + o_proj(attention(rope(q_norm(q_proj(rms(x)))), rope(k_norm(k_proj(rms(x)))), v_proj(rms(x))))
     x = x + down_proj(silu(gate_proj(rms(x))) * up_proj(rms(x)))
-
-Tensor names and shapes are Hugging Face Qwen3's without the "model." prefix (lm_head.weight is
-absent when tied); pretrained.py maps config.json and GGUF files onto GPTConfig.
-
-The seam for the Orthrus diffusion view (diffusion_head.py): `Attention.project` turns hidden
-states into rotated q, k, v, and `Attention.o_proj` maps the attention output back. The head owns
-a second `Attention` per layer and reuses everything else of a `Block`, reading the very K/V tensors
-this model wrote into its `KVCache`. This file knows nothing about the head.
+Tensor names are Hugging Face Qwen3's without "model." (pretrained/ maps real models onto this).
+The seam for the diffusion view (diffusion_head.py): `Attention.project` and `Attention.o_proj`;
+the head owns a second `Attention` per layer and reads the K/V this model wrote into its `KVCache`.
+This file knows nothing about the head.
 """
-
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from errors import UserError
 
 
 def config_field(default, help: str, choices=None):
@@ -46,8 +42,6 @@ class GPTConfig:
     def __post_init__(self):
         """Every value checked up front (flags and checkpoints come through here): a bad one is a
         UserError naming the field and its flag, never a NaN or a shape error later."""
-        from errors import UserError  # plain Python, imports nothing
-
         def check(names, ok, want):
             for name in names:
                 value = getattr(self, name)
@@ -117,6 +111,10 @@ class KVCache:
             self.k[:, :, :, start : start + len(slots)] = self.k[:, :, :, source]  # gathered (a copy), then written
             self.v[:, :, :, start : start + len(slots)] = self.v[:, :, :, source]
         self.crop(start + len(slots))
+
+    def keep_rows(self, rows: torch.Tensor):
+        """Keep only these batch rows (a finished sequence leaves a batch): a copy of those rows."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
 
 
 def kv_bytes(config: GPTConfig, positions: int, dtype=torch.float32) -> int:

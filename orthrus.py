@@ -1,40 +1,29 @@
 """
 Orthrus decoding (arXiv 2605.12825, Sec. 3.2, Algorithm 1): a frozen AR GPT (model.py) drafts
 with its diffusion view (diffusion_head.py) and verifies with its AR view, over ONE KV cache.
-Plain autoregressive decoding (`generate`) lives here too, so the two can be read side by side.
+Plain autoregressive decoding (`generate`, and `generate_batch` for many prompts) lives here too.
 
-One cycle, the whole method (`generate_speculative` below, step for step):
+One cycle of `generate_speculative`, after the prefill wrote cache[0, s) and chose x_s (pending):
+  draft    the diffusion view runs once over [x_s, MASK x (K-1)], reading the cache in place and
+           writing nothing: drafts d_1..d_{K-1}
+  verify   the AR view runs once over [x_s, d_1..d_{K-1}], writing cache[s, s+K)
+  accept   consensus.py: the longest agreed prefix d_1..d_n plus one token of the AR view
+  commit   crop the cache to s+1+n; the AR view's token is the new pending one
 
-    prefill  the AR view runs over the prompt, writing cache[0, s); its last logits give the
-             first new token x_s, which is committed but "pending" (not yet in the cache)
-    repeat:
-      draft    the diffusion view runs once over [x_s, MASK x (K-1)] at positions s..s+K-1,
-               reading the AR cache of [0, s) in place and writing nothing: drafts d_1..d_{K-1}
-      verify   the AR view runs once over [x_s, d_1..d_{K-1}], writing cache[s, s+K)
-      accept   consensus.py: the longest agreed prefix d_1..d_n plus one token from the AR view
-               (the bonus, or the correction at the first disagreement)
-      commit   d_1..d_n and that token; crop the cache to s+1+n (x_s and the accepted drafts
-               stay, the rejected tail goes); the AR view's token is the new pending one
-
-The loop takes any *drafter*; the diffusion view is one (`DiffusionDrafter`), and speculative.py
-holds the baselines (a separate draft model, prompt lookup). A drafter has one small interface:
-
+The loop takes any *drafter* (the diffusion view; benchmarks/drafters.py holds the baselines):
     max_drafts                  the most tokens it proposes per cycle (Orthrus: K-1)
-    start(prompt, capacity)     forget any state from an earlier sequence; at most `capacity`
-                                positions will be committed (size a cache of its own to that)
+    start(prompt, capacity)     forget earlier state; at most `capacity` positions will be committed
     propose(cache, sequence, n, sampling) -> Proposal(tokens, p_draft, passes)
-                                n drafts after `sequence` (committed tokens, the last one pending;
-                                the cache holds all but that one), the exact distribution each
-                                was drawn from (None: a deterministic proposal), and the forward
-                                passes it spent
-    rollback(n_valid)           only sequence[:n_valid] is committed now; drop what it holds past it
-
-Orthrus keeps no state of its own between cycles: the AR view's KV cache is the only persistent
-memory, and the diffusion view holds one block's K/V only while its pass runs
-(`DiffusionDrafter.transient_bytes`). Reading order below: the cycle (`generate_speculative`),
-its prefill, the diffusion view's draft pass (`DiffusionDrafter.propose`), then plain AR.
+                                n drafts after `sequence` (its last token pending), the law each
+                                was drawn from (None: deterministic), the forward passes spent,
+                                and for a token tree each node's parent (greedy only)
+    rollback(n_valid)           only sequence[:n_valid] is committed now
+    verify(cache, block)        optional: run the verify pass itself (drafting the next block in it)
+Orthrus keeps no state between cycles: the AR view's cache is its only persistent memory.
+Two levers for more tokens per forward pass ride on the same loop: a token tree verified in one
+pass (DiffusionDrafter with tree_nodes), and the next draft made inside the verify pass
+(FusedDiffusionDrafter, one forward per cycle when the acceptance was foreseen).
 """
-
 import heapq
 import math
 import time
@@ -45,7 +34,7 @@ import torch.nn.functional as F
 
 from consensus import greedy_verify, greedy_verify_tree, speculative_verify
 from decoding import start_decode, sync_device
-from diffusion_head import DiffusionHead
+from diffusion_head import DRAFT_LEN, DiffusionHead, check_draft_lens
 from errors import UserError
 from model import GPT, kv_bytes, tree_layout
 from sampling import GREEDY, Sampling, greedy
@@ -130,7 +119,7 @@ def generate_speculative(base: GPT, drafter, prompt: list, max_new_tokens: int, 
     return committed.tokens, stats
 
 
-def generate_orthrus(base: GPT, head: DiffusionHead, prompt: list, max_new_tokens: int, draft_len: int = 16,
+def generate_orthrus(base: GPT, head: DiffusionHead, prompt: list, max_new_tokens: int, draft_len: int = DRAFT_LEN,
                      denoise_steps: int = 1, tree_nodes: int = 0, tree_width: int = 4, **kwargs):
     """Orthrus decoding: `generate_speculative` with the diffusion view as the drafter."""
     drafter = DiffusionDrafter(base, head, draft_len, denoise_steps, tree_nodes, tree_width)
@@ -160,10 +149,9 @@ class DiffusionDrafter:
 
     name = "orthrus"
 
-    def __init__(self, base: GPT, head: DiffusionHead, draft_len: int = 16, denoise_steps: int = 1,
+    def __init__(self, base: GPT, head: DiffusionHead, draft_len: int = DRAFT_LEN, denoise_steps: int = 1,
                  tree_nodes: int = 0, tree_width: int = 4):
-        if draft_len < 2:
-            raise UserError(f"draft length must be >= 2 (the pending token plus at least one draft), got {draft_len}")
+        check_draft_lens([draft_len])
         if denoise_steps < 1:
             raise UserError(f"denoise steps must be >= 1, got {denoise_steps}")
         if tree_nodes < 0 or tree_width < 1 or (tree_nodes and denoise_steps > 1):
@@ -250,7 +238,7 @@ class FusedDiffusionDrafter(DiffusionDrafter):
 
     name = "orthrus-fused"
 
-    def __init__(self, base: GPT, head: DiffusionHead, draft_len: int = 16, foresee=(0, 1, 2)):
+    def __init__(self, base: GPT, head: DiffusionHead, draft_len: int = DRAFT_LEN, foresee=(0, 1, 2)):
         super().__init__(base, head, draft_len)
         self.foresee = sorted(set(foresee))
         self.prepared = {}  # position of the next pending token -> its block's draft logits (K, V)
@@ -332,3 +320,40 @@ def generate(base: GPT, prompt: list, max_new_tokens: int, sampling: Sampling = 
     sync_device(seq.device)
     stats.decode_seconds = time.perf_counter() - t0
     return committed.tokens, stats
+
+
+@torch.no_grad()
+def generate_batch(base: GPT, prompts: list, max_new_tokens: int, sampling: Sampling = GREEDY, stop_ids=(),
+                   pad_id: int = 0, compact: bool = True):
+    """AR decoding of many prompts (lists of ids, any lengths) together over one KV cache: rows are
+    left-padded to the longest prompt (GPT.forward(pad=...) hides the padding) and each stops at its
+    first id in stop_ids (kept in its answer) or after max_new_tokens. With compact, finished rows
+    leave the batch once a quarter of it has finished. Returns (answers [[id]], stopped [bool])."""
+    B, lens = len(prompts), [len(p) for p in prompts]
+    if B == 0 or min(lens) == 0:
+        raise ValueError("generate_batch needs at least one prompt and no empty prompt")
+    device, P = base.lm_head.weight.device, max(lens)
+    x = torch.full((B, P), pad_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        x[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
+    pad = torch.tensor([P - n for n in lens], dtype=torch.long, device=device)  # (B,) left padding per row
+    cache = base.new_cache(batch_size=B, capacity=P + max_new_tokens)
+    logits = base(x.to(device), cache, logits="last", pad=pad)[:, 0]  # (B, V)
+    stop = {int(s) for s in stop_ids}
+    answers, stopped = [[] for _ in range(B)], [False] * B
+    rows = list(range(B))  # the prompt each batch row answers
+    for step in range(max_new_tokens):
+        token = sampling.choose(logits)  # (rows,)
+        for b, t in zip(rows, token.tolist()):
+            if not stopped[b]:  # what a finished row draws afterwards is dropped
+                answers[b].append(t)
+                stopped[b] = t in stop
+        alive = [j for j, b in enumerate(rows) if not stopped[b]]
+        if not alive or step + 1 == max_new_tokens:
+            break
+        if compact and len(rows) - len(alive) >= max(1, len(rows) // 4):
+            keep = torch.tensor(alive, device=device)
+            cache.keep_rows(keep)
+            pad, token, rows = pad[keep], token[keep], [rows[j] for j in alive]
+        logits = base(token.view(-1, 1), cache, logits="last", pad=pad)[:, 0]
+    return answers, stopped

@@ -19,14 +19,17 @@ import sys
 
 import torch
 
-from common import ArgumentParser, UserError, open_model, pick_device, run_cli, set_threads
+from checkpoint import open_model
+from cli import ArgumentParser, add_runtime_flags, add_sampling_flags, parse_dtype, pick_device, run_cli, set_threads
 from decoding import check_prompt
+from diffusion_head import DRAFT_LEN, check_draft_lens
+from errors import UserError
 from orthrus import DiffusionDrafter, generate, generate_speculative
+from pretrained import chat_prompt
 from sampling import Sampling
 
 DEFAULT_PROMPT = "def "  # shows the shipped stdlib model writing Python; a newline gave only spaces
 DEFAULT_CHAT_PROMPT = "Write a Python function that tells whether a number is prime."
-DEFAULT_DRAFT_LEN = 16
 
 
 def build_parser():
@@ -38,19 +41,12 @@ def build_parser():
     p.add_argument("--prompt", default=None, help=f"prompt text (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--prompt-file", default=None, help="read the prompt from this file instead")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate (stops early at the context limit or end-of-text)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy argmax; > 0 samples")
-    p.add_argument("--top-k", type=int, default=0, help="sample only from the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
-    p.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads for torch (0 = torch's default, all cores); 1 keeps decoding steady on a busy machine")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"],
-                   help="inference dtype (bf16 is fast on GPUs but may flip near-ties between AR and Orthrus)")
+    add_sampling_flags(p)
+    add_runtime_flags(p, threads=1, dtypes=("float32", "float64", "bfloat16"))
     p.add_argument("--mode", default=None, choices=["orthrus", "ar", "compare"],
                    help="decoder: orthrus (default when the checkpoint has a head), ar, or compare (both)")
     p.add_argument("--draft-len", type=int, default=None,
-                   help=f"Orthrus draft block length K, K-1 drafts per cycle (default: {DEFAULT_DRAFT_LEN}, or the "
+                   help=f"Orthrus draft block length K, K-1 drafts per cycle (default: {DRAFT_LEN}, or the "
                         "head's longest trained length if shorter; shortened near the end of the context)")
     p.add_argument("--denoise-steps", type=int, default=1, help="Orthrus diffusion passes per draft (1 = the paper's default)")
     p.add_argument("--trace", action="store_true", help="show each cycle's accepted drafts, rejected tail and bonus token")
@@ -131,8 +127,8 @@ def check_flags(args) -> Sampling:
         raise UserError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.threads < 0:
         raise UserError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
-    if args.draft_len is not None and args.draft_len < 2:
-        raise UserError(f"--draft-len must be >= 2 (one pending token + at least one draft), got {args.draft_len}")
+    if args.draft_len is not None:
+        check_draft_lens([args.draft_len], "--draft-len")
     if args.denoise_steps < 1:
         raise UserError(f"--denoise-steps must be >= 1, got {args.denoise_steps}")
     return Sampling(args.temperature, args.top_k, args.top_p)
@@ -159,12 +155,9 @@ def main(argv=None):
         raise UserError("the prompt is empty: with --chat give the user's message as --prompt TEXT or --prompt-file")
     device = pick_device(args.device, verbose=False)
     set_threads(args.threads)
-    dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[args.dtype]
-    base, head, tokenizer, info = open_model(args.ckpt, device, dtype)
+    base, head, tokenizer, info = open_model(args.ckpt, device, parse_dtype(args.dtype))
     stop_ids = list(info["stop_ids"])
     if args.chat:
-        from pretrained import chat_prompt
-
         prompt, end_of_turn = chat_prompt(tokenizer, prompt_text)
         stop_ids.append(end_of_turn)
     else:
@@ -176,16 +169,16 @@ def main(argv=None):
     if head is None and mode == "orthrus":
         print("note: this checkpoint has no diffusion head; running plain AR decoding", file=sys.stderr)
         mode = "ar"
-    # default: 16, or the longest length the head was trained for if that is shorter
-    draft_len = args.draft_len or min(DEFAULT_DRAFT_LEN, head.max_trained_draft_len if head else DEFAULT_DRAFT_LEN)
+    # default: DRAFT_LEN, or the longest length the head was trained for if that is shorter
+    draft_len = args.draft_len or min(DRAFT_LEN, head.max_draft_len if head else DRAFT_LEN)
     if mode != "ar":
         room = base.config.context_len - len(prompt)
         if args.draft_len is not None and args.draft_len > room:  # the default just shortens itself
             raise UserError(f"--draft-len {args.draft_len} exceeds the {room} positions left in the context "
                             f"after a {len(prompt)}-token prompt; use a shorter draft or prompt")
-        if draft_len > head.max_trained_draft_len:
+        if draft_len > head.max_draft_len:
             print(f"warning: --draft-len {draft_len} is longer than the head was trained for "
-                  f"(max {head.max_trained_draft_len}); drafts at the far end will mostly be rejected", file=sys.stderr)
+                  f"(max {head.max_draft_len}); drafts at the far end will mostly be rejected", file=sys.stderr)
     decode_args = dict(max_new_tokens=args.max_new_tokens, eos_ids=stop_ids)
 
     def run(method, stream_enabled, **overrides):

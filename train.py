@@ -1,5 +1,5 @@
 """
-Training, in two stages that share one loop:
+Training, in two stages, each one visible loop:
 
   base  pre-train the autoregressive GPT (next-token cross-entropy)
   head  freeze that GPT and train only the Orthrus diffusion head by KL distillation from it
@@ -34,18 +34,22 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import (ArgumentParser, UserError, add_dataclass_flags, autocast, build_base, clean_state_dict, dataclass_from,
-                    fmt_time, load_checkpoint, pick_autocast_dtype, pick_device, read_data_meta, run_cli,
-                    same_tokenizer, save_checkpoint, state_sha256, tokenizer_model_tensor)
+from benchmarks import estimate
+from checkpoint import build_base, clean_state_dict, load_checkpoint, same_tokenizer, save_checkpoint, state_sha256, tokenizer_model_tensor
+from cli import (ArgumentParser, add_dataclass_flags, autocast, dataclass_from, fmt_time, int_list, pick_autocast_dtype,
+                 pick_device, run_cli)
 from decoding import sync_device
-from diffusion_head import DiffusionHead, choose_anchors, chunked_head_loss, expected_tokens_per_cycle, response_anchors
+from diffusion_head import DiffusionHead, check_draft_lens
+from errors import UserError
 from model import GPT, GPTConfig, config_field
-import estimate
 from pretrained import is_pretrained_path, load_pretrained, read_config
-from tokenizer import load_tokens
+from training.anchors import choose_anchors, response_anchors
+from training.attention import grouped_attention
+from training.data import TokenData, load_data, read_data_meta
+from training.loss import chunked_head_loss, expected_tokens_per_cycle
+from training.ranks import Ranks
 
 
 @dataclass
@@ -124,104 +128,7 @@ PRESETS = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Data
-
-
-class TokenData:
-    """Random training windows and fixed validation windows from the token files of prepare.py."""
-
-    masked = False  # no response masks: every token is a training target
-
-    def __init__(self, data_dir: str, meta: dict | None = None):
-        self.data_dir, self.meta = data_dir, meta or read_data_meta(data_dir)
-        try:
-            self.train = load_tokens(os.path.join(data_dir, "train.bin"), self.meta["dtype"])
-            self.val = load_tokens(os.path.join(data_dir, "val.bin"), self.meta["dtype"])
-        except (ValueError, FileNotFoundError) as e:  # tokenizer.py: a missing or truncated token file
-            raise UserError(str(e)) from None
-
-    def check_length(self, length: int, what: str):
-        """Both splits must hold more than one window of `length` tokens: found now, not at the first
-        evaluation after minutes of training."""
-        for split in ("train", "val"):
-            n = getattr(self, split).numel()
-            if n <= length:
-                raise UserError(f"{self.data_dir}/{split}.bin has {n} tokens, too few for {what} of {length}: prepare "
-                                "more text (data/prepare.py; for val, a larger --val-fraction) or lower --seq-len")
-
-    def train_windows(self, batch_size: int, length: int, generator: torch.Generator):
-        """(tokens (B, length), response mask (B, length) or None: every token counts)."""
-        return windows(self.train, batch_size, length, generator), None
-
-    def val_windows(self, batch_size: int, length: int, generator: torch.Generator):
-        return windows(self.val, batch_size, length, generator), None
-
-
-class SelfDistilledData(TokenData):
-    """Rows the base wrote itself (data/self_distill.py), drawn at random, with the mask of the
-    tokens that are the base's own answer (chat data; corpus-prompted rows count whole). Validation
-    on held-out rows (chat data: answers to held-out prompts) or on the corpus the prompts came from."""
-
-    def __init__(self, data_dir: str, meta: dict):
-        self.data_dir, self.meta = data_dir, meta
-        self.rows, self.response = self._read_rows(data_dir, "rows_")
-        self.masked = not bool(self.response.all())
-        if meta.get("val") == "rows":
-            self.val_rows, self.val_response = self._read_rows(data_dir, "val_rows_")
-        else:
-            self.val = TokenData(meta["source_data_dir"]).val
-
-    @staticmethod
-    def _read_rows(data_dir, prefix):
-        """Shards are (N, L) token tensors, or {"tokens": (N, L), "response": (N, L) bool}."""
-        shards = sorted(f for f in os.listdir(data_dir) if f.startswith(prefix) and f.endswith(".pt"))
-        if not shards:
-            raise UserError(f"{data_dir} holds no {prefix}*.pt shards yet: run data/self_distill.py to the end")
-        tokens, response = [], []
-        try:
-            for f in shards:
-                shard = torch.load(os.path.join(data_dir, f), weights_only=True)
-                shard = shard if isinstance(shard, dict) else {"tokens": shard, "response": torch.ones_like(shard, dtype=torch.bool)}
-                tokens.append(shard["tokens"].long())
-                response.append(shard["response"].bool())
-        except Exception as e:  # a damaged shard: say which folder and how to regenerate it
-            raise UserError(f"a shard in {data_dir} is not readable ({type(e).__name__}); delete it and run "
-                            "data/self_distill.py again") from None
-        return torch.cat(tokens), torch.cat(response)
-
-    def check_length(self, length: int, what: str):
-        if self.rows.size(1) < length:
-            raise UserError(f"{self.data_dir} holds rows of {self.rows.size(1)} tokens, too short for {what} of "
-                            f"{length}: lower --seq-len or generate longer rows (--row-len)")
-        if hasattr(self, "val") and self.val.numel() <= length:  # the corpus's held-out split
-            raise UserError(f"{self.meta['source_data_dir']}/val.bin has {self.val.numel()} tokens, too few for "
-                            f"{what} of {length}: lower --seq-len")
-
-    def train_windows(self, batch_size, length, generator):
-        pick = torch.randint(0, self.rows.size(0), (batch_size,), generator=generator)
-        return self.rows[pick, :length], self.response[pick, :length]
-
-    def val_windows(self, batch_size, length, generator):
-        if hasattr(self, "val"):
-            return super().val_windows(batch_size, length, generator)
-        pick = torch.randint(0, self.val_rows.size(0), (batch_size,), generator=generator)
-        return self.val_rows[pick, :length], self.val_response[pick, :length]
-
-
-def load_data(data_dir: str) -> TokenData:
-    """The training data in `data_dir`: a prepared corpus, or rows the base wrote itself."""
-    meta = read_data_meta(data_dir)
-    return SelfDistilledData(data_dir, meta) if meta.get("kind") == "self-distilled" else TokenData(data_dir, meta)
-
-
-def windows(tokens, batch_size: int, length: int, generator: torch.Generator):
-    """(batch_size, length) int64 windows of a token stream, starting at random offsets."""
-    starts = torch.randint(0, tokens.numel() - length, (batch_size,), generator=generator).tolist()
-    return torch.stack([tokens[s : s + length].long() for s in starts])
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop shared by both stages
+# What both stages' loops share
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -253,131 +160,78 @@ def restore(ckpt, key: str, module, optimizer, generator) -> int:
     return ckpt["step"]
 
 
-class Ranks:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun). Every rank draws the
-    same global batch with the same generator and trains on its own rows of it (rank, rank + N,
-    ...); DistributedDataParallel averages the gradients, so N processes follow the trajectory of
-    one process with the same global --batch-size. Rank 0 prints and writes checkpoints."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.device = torch.device("cpu")
-
-    def start(self, device: torch.device) -> torch.device:
-        """Join the process group (gloo on CPUs, nccl on GPUs, one GPU per process)."""
-        if self.world > 1 and not dist.is_initialized():
-            if device.type == "cuda":
-                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-                torch.cuda.set_device(device)
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        self.device = device
-        return device
-
-    def rows(self, batch):
-        """This rank's rows of a global batch (a tensor, or a tuple of them; None passes)."""
-        if self.world == 1 or batch is None:
-            return batch
-        if isinstance(batch, tuple):
-            return tuple(self.rows(b) for b in batch)
-        return batch[self.rank :: self.world]
-
-    def sum(self, value: float) -> float:
-        """The sum over ranks (a tensor on this rank's device: nccl reduces GPU tensors only)."""
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.item()
-
-    def mean(self, value: float) -> float:
-        return self.sum(value) / self.world
-
-
 RANKS = Ranks()
 
 
-def train_loop(cfg, trainable, optimizer, step_loss, evaluate, save, start_step, tokens_per_step, device):
-    """Run optimizer steps start_step..max_steps-1. step_loss() -> scalar loss of one micro-batch;
-    evaluate(step) prints val figures; save(step) writes the checkpoint (atomically). One extra
-    evaluation and save always happen at the end. Returns the last training loss.
+def set_lr(optimizer, lr: float) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
-    A run that diverges (a non-finite loss, gradient or weight) stops with a UserError before the
-    bad update is applied or saved: the checkpoint on disk stays the last good one."""
-    params = [p for p in trainable.parameters() if p.requires_grad]
-    window_start, window_steps, loss_ema, last = None, 0, None, float("nan")
-    step = start_step
-    saved = [start_step if start_step > 0 else None]  # the step of the checkpoint on disk, if this run has one
 
-    def on_disk():
-        if saved[0] is None:
+class Run:
+    """The bookkeeping both stages' loops share: the progress line, the checkpoint on disk, and the
+    divergence stop: a non-finite loss, gradient or weight stops the run with a UserError before
+    the bad update is applied or saved, so the checkpoint on disk stays the last good one."""
+
+    def __init__(self, cfg: TrainConfig, start_step: int, tokens_per_step: int):
+        self.cfg, self.start, self.tokens_per_step = cfg, start_step, tokens_per_step
+        self.saved = start_step if start_step > 0 else None  # the step of the checkpoint on disk, if this run has one
+        self.window_start, self.window_steps, self.loss_ema = None, 0, None
+
+    def on_disk(self) -> str:
+        if self.saved is None:
             return "no checkpoint of this run was written"
-        return f"the checkpoint on disk, {ckpt_path(cfg)} (step {saved[0]}), is intact"
+        return f"the checkpoint on disk, {ckpt_path(self.cfg)} (step {self.saved}), is intact"
 
-    def diverged(what, at):
-        raise UserError(f"{what} at step {at}: the run diverged and was stopped without saving; {on_disk()}. "
-                        f"Start a new run with a lower --lr (this one used {cfg.lr:g}) or a longer --warmup-steps "
+    def diverged(self, what: str, at: int):
+        raise UserError(f"{what} at step {at}: the run diverged and was stopped without saving; {self.on_disk()}. "
+                        f"Start a new run with a lower --lr (this one used {self.cfg.lr:g}) or a longer --warmup-steps "
                         "(--resume would repeat the same configuration)")
 
-    def checked_save(done):
-        if not all(bool(torch.isfinite(p).all()) for p in params):
-            diverged("the weights became non-finite", done)
-        save(done)
-        saved[0] = done
+    def update(self, optimizer, params: list, loss: float, done: int):
+        """Check the step's loss and global gradient norm, clip (max_norm inf when --grad-clip 0:
+        scales by exactly 1.0), apply the update."""
+        if not math.isfinite(loss):
+            self.diverged(f"the training loss became {loss}", done)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf)
+        if not math.isfinite(norm.item()):
+            self.diverged(f"the gradient norm became {norm.item()}", done)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-    try:
-        for step in range(start_step, cfg.max_steps):
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            total = 0.0
-            for micro in range(cfg.grad_accum):
-                # under DistributedDataParallel, gradients are averaged across ranks at the last micro-batch
-                last_micro = micro == cfg.grad_accum - 1 or not hasattr(trainable, "no_sync")
-                with contextlib.nullcontext() if last_micro else trainable.no_sync():
-                    loss = step_loss() / cfg.grad_accum
-                    loss.backward()
-                total += loss.item()
-            total = RANKS.mean(total)  # every rank sees the same figure (and stops together)
-            if not math.isfinite(total):
-                diverged(f"the training loss became {total}", step + 1)
-            # clip (max_norm inf when --grad-clip 0: scales by exactly 1.0) and check the global norm
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            if not math.isfinite(norm.item()):
-                diverged(f"the gradient norm became {norm.item()}", step + 1)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            last = total
-            loss_ema = total if loss_ema is None else 0.9 * loss_ema + 0.1 * total
-            sync_device(device)
-            done = step + 1
-            # speed over the steps since the last progress line (the first two steps, with
-            # compilation and allocator warm-up, are left out); evals and saves are not counted
-            if done - start_step == 2:
-                window_start, window_steps = time.time(), 0
-            elif window_start is not None:
-                window_steps += 1
-            if done % cfg.log_interval == 0 or done == cfg.max_steps:
-                if window_steps > 0:
-                    per_step = (time.time() - window_start) / window_steps
-                    speed = f"{tokens_per_step / per_step:,.0f} tok/s | ETA {fmt_time(per_step * (cfg.max_steps - done))}"
-                else:
-                    speed = "warming up"
-                print(f"step {done:>6}/{cfg.max_steps} | loss {total:.4f} (ema {loss_ema:.4f}) | lr {lr:.2e} | {speed}",
-                      flush=True)
-            if done % cfg.eval_interval == 0 and done != cfg.max_steps:
-                evaluate(done)
-            if done % cfg.ckpt_interval == 0 and done != cfg.max_steps:
-                checked_save(done)
-            if window_start is not None and done % cfg.log_interval == 0:
-                window_start, window_steps = time.time(), 0
-    except KeyboardInterrupt:
-        resume = f" (resume with --resume --out-dir {out_dir(cfg)})" if saved[0] is not None else ""
-        print(f"\ninterrupted at step {step}; {on_disk()}{resume}", flush=True)
+    def log(self, done: int, loss: float, lr: float):
+        """The progress line every --log-interval steps: speed over the steps since the last line
+        (the first two steps, with compilation and allocator warm-up, are left out)."""
+        self.loss_ema = loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * loss
+        if done - self.start == 2:
+            self.window_start, self.window_steps = time.time(), 0
+        elif self.window_start is not None:
+            self.window_steps += 1
+        if done % self.cfg.log_interval == 0 or done == self.cfg.max_steps:
+            if self.window_steps > 0:
+                per_step = (time.time() - self.window_start) / self.window_steps
+                speed = f"{self.tokens_per_step / per_step:,.0f} tok/s | ETA {fmt_time(per_step * (self.cfg.max_steps - done))}"
+            else:
+                speed = "warming up"
+            print(f"step {done:>6}/{self.cfg.max_steps} | loss {loss:.4f} (ema {self.loss_ema:.4f}) | lr {lr:.2e} | "
+                  f"{speed}", flush=True)
+
+    def restart_window(self, done: int):
+        """After the step's evaluation and save: they do not count in the speed."""
+        if self.window_start is not None and done % self.cfg.log_interval == 0:
+            self.window_start, self.window_steps = time.time(), 0
+
+    def save(self, params: list, save, done: int):
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            self.diverged("the weights became non-finite", done)
+        save(done)
+        self.saved = done
+
+    def interrupted(self, step: int):
+        resume = f" (resume with --resume --out-dir {out_dir(self.cfg)})" if self.saved is not None else ""
+        print(f"\ninterrupted at step {step}; {self.on_disk()}{resume}", flush=True)
         raise SystemExit(130)
-    evaluate(cfg.max_steps)
-    checked_save(cfg.max_steps)
-    return last
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,9 +270,6 @@ def train_base(cfg: TrainConfig, model_cfg: GPTConfig, resume_ckpt=None):
             logits = fwd(idx[:, :-1], logits="all")
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), idx[:, 1:].reshape(-1))
 
-    def step_loss():
-        return lm_loss(data.train_windows(cfg.batch_size, seq_len + 1, gen)[0].to(device))
-
     val_loss = [float("nan")]
 
     @torch.no_grad()
@@ -443,7 +294,29 @@ def train_base(cfg: TrainConfig, model_cfg: GPTConfig, resume_ckpt=None):
         print(f"saved {ckpt_path(cfg)} (step {step})", flush=True)
 
     model.train()
-    train_loop(cfg, model, optimizer, step_loss, evaluate, save, start, cfg.batch_size * cfg.grad_accum * seq_len, device)
+    run, params = Run(cfg, start, cfg.batch_size * cfg.grad_accum * seq_len), list(model.parameters())
+    step = start
+    try:
+        for step in range(start, cfg.max_steps):
+            lr = set_lr(optimizer, lr_at(step, cfg))
+            total = 0.0
+            for _ in range(cfg.grad_accum):
+                loss = lm_loss(data.train_windows(cfg.batch_size, seq_len + 1, gen)[0].to(device)) / cfg.grad_accum
+                loss.backward()
+                total += loss.item()
+            run.update(optimizer, params, total, step + 1)
+            sync_device(device)
+            done = step + 1
+            run.log(done, total, lr)
+            if done % cfg.eval_interval == 0 and done != cfg.max_steps:
+                evaluate(done)
+            if done % cfg.ckpt_interval == 0 and done != cfg.max_steps:
+                run.save(params, save, done)
+            run.restart_window(done)
+    except KeyboardInterrupt:
+        run.interrupted(step)
+    evaluate(cfg.max_steps)  # the loop always ends with an evaluation and a save
+    run.save(params, save, cfg.max_steps)
     return model
 
 
@@ -457,13 +330,7 @@ def check_draft_fits(draft_lens: list, seq_len: int):
 
 
 def parse_draft_lens(text: str) -> list:
-    try:
-        lens = sorted({int(x) for x in str(text).split(",") if x.strip()})
-    except ValueError:
-        raise UserError(f"--draft-lens must be a comma list of integers like 8,16,32, got {text!r}") from None
-    if not lens or lens[0] < 2:
-        raise UserError(f"--draft-lens needs lengths >= 2 (one pending token + at least one draft), got {text!r}")
-    return lens
+    return check_draft_lens(int_list(text, "--draft-lens"), "--draft-lens")
 
 
 def base_kv_and_logits(base: GPT, idx: torch.Tensor):
@@ -475,6 +342,34 @@ def base_kv_and_logits(base: GPT, idx: torch.Tensor):
     ks = [cache.k[i, :, :, :T] for i in range(base.config.n_layer)]
     vs = [cache.v[i, :, :, :T] for i in range(base.config.n_layer)]
     return logits, ks, vs
+
+
+def plan_blocks(windows, K: int, placement: str, generator, seq_len: int, anchors_per_seq: int, anchors=None):
+    """(tokens, anchors, weight) for one global batch: anchors chosen once for all its rows
+    (unless given; with a response mask, only where some row's block targets are all the base's
+    answer) and weight (B, N), which (row, block) pairs count (None: all)."""
+    idx, response = windows
+    usable = None if response is None else response_anchors(response, K)  # (B, T-K+1)
+    if anchors is None:
+        anchors = choose_anchors(seq_len, K, placement, generator, anchors_per_seq if placement == "random" else 0,
+                                 None if usable is None else usable.any(0))
+    return idx, anchors, None if usable is None else usable[:, anchors].float()
+
+
+def block_loss(head, base: GPT, idx, anchors, weight, K: int, cfg: TrainConfig, device, amp, mask_first=None,
+               position_decay: float = 0.0):
+    """(loss, agreement by block index) of the head on these rows: the frozen base teaches (its
+    log-probabilities once per position, and the K/V the head reads), the head drafts."""
+    idx, anchors = idx.to(device), anchors.to(device)
+    weight = None if weight is None else weight.to(device)
+    with autocast(device, amp):
+        with torch.no_grad():  # the frozen base: no graph, no gradient for its keys and values
+            teacher, ks, vs = base_kv_and_logits(base, idx)
+            teacher_logp = F.log_softmax(teacher.float(), dim=-1)  # once per position, shared by its blocks
+        hidden = head(base, idx, ks, vs, anchors, K, mask_first=mask_first, attention=grouped_attention(),
+                      checkpoint_layers=cfg.grad_checkpoint)  # head: maybe wrapped in DistributedDataParallel
+        return chunked_head_loss(base, hidden, teacher_logp, idx, anchors, cfg.loss, weight, cfg.loss_chunk_logits,
+                                 position_decay)
 
 
 def train_head(cfg: TrainConfig, resume_ckpt=None):
@@ -524,48 +419,6 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
     print(f"head: {n_head / 1e6:.2f}M trainable parameters = {100 * n_head / (n_head + n_base):.1f}% of base+head "
           f"({n_base / 1e6:.2f}M frozen); draft lengths {draft_lens}, anchors {cfg.anchors}, loss {cfg.loss}")
 
-    def plan_blocks(windows, K, placement, generator, anchors=None):
-        """(tokens, anchors, weight) for one global batch: anchors chosen once for all its rows
-        (unless given; with a response mask, only where some row's block targets are all the base's
-        answer) and weight (B, N), which (row, block) pairs count (None: all)."""
-        idx, response = windows
-        usable = None if response is None else response_anchors(response, K)  # (B, T-K+1)
-        if anchors is None:
-            anchors = choose_anchors(seq_len, K, placement, generator, cfg.anchors_per_seq if placement == "random"
-                                     else 0, None if usable is None else usable.any(0))
-        return idx, anchors, None if usable is None else usable[:, anchors].float()
-
-    def block_loss(idx, anchors, weight, K, global_blocks=None, position_decay=0.0, mask_first=None):
-        """The head's loss on these rows. Under data parallelism it is scaled to this rank's share of
-        the global batch's counted blocks (global_blocks), so that the ranks' averaged gradients are
-        those of the global mean; in one process the factor is exactly 1. Evaluation keeps
-        position_decay 0, so val losses of runs with and without it compare."""
-        local_blocks = anchors.numel() * idx.size(0) if weight is None else float(weight.sum())
-        idx, anchors = idx.to(device), anchors.to(device)
-        weight = None if weight is None else weight.to(device)
-        with autocast(device, amp):
-            with torch.no_grad():  # the frozen base: no graph, no gradient for its keys and values
-                teacher, ks, vs = base_kv_and_logits(base, idx)
-                teacher_logp = F.log_softmax(teacher.float(), dim=-1)  # once per position, shared by its blocks
-            hidden = trainable(base, idx, ks, vs, anchors, K, cfg.grad_checkpoint, mask_first=mask_first)  # maybe DDP
-            loss, agree = chunked_head_loss(base, hidden, teacher_logp, idx, anchors, cfg.loss, weight,
-                                            cfg.loss_chunk_logits, position_decay)
-        if global_blocks is not None:
-            loss = loss * (max(local_blocks, 1) * RANKS.world / max(global_blocks, 1))
-        return loss, agree
-
-    def step_loss():
-        K = draft_lens[torch.randint(len(draft_lens), (1,), generator=gen).item()]
-        # without response masks the anchors are drawn before the windows (the order earlier runs used)
-        anchors = None if data.masked else choose_anchors(seq_len, K, cfg.anchors, gen, cfg.anchors_per_seq)
-        # every rank draws the same global batch and anchors, and trains on its own rows of it
-        idx, anchors, weight = plan_blocks(data.train_windows(cfg.batch_size, seq_len, gen), K, cfg.anchors, gen, anchors)
-        global_blocks = anchors.numel() * idx.size(0) if weight is None else float(weight.sum())
-        idx, weight = RANKS.rows((idx, weight))
-        # drawn only when asked for, so runs without MASK-first blocks keep their random stream
-        mask_first = torch.rand(anchors.numel(), generator=gen) < cfg.mask_first if cfg.mask_first > 0 else None
-        return block_loss(idx, anchors, weight, K, global_blocks, cfg.loss_position_decay, mask_first)[0]
-
     @torch.no_grad()
     def evaluate(step):
         head.eval()
@@ -574,9 +427,10 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
             g = torch.Generator().manual_seed(12345)
             losses, agree = [], 0
             for _ in range(cfg.eval_batches):
-                idx, anchors, weight = plan_blocks(data.val_windows(cfg.batch_size, seq_len, g), K, "aligned", g)
+                idx, anchors, weight = plan_blocks(data.val_windows(cfg.batch_size, seq_len, g), K, "aligned", g,
+                                                   seq_len, cfg.anchors_per_seq)
                 flags = torch.full((anchors.numel(),), True) if opens_with_mask else None
-                loss, a = block_loss(idx, anchors, weight, K, mask_first=flags)
+                loss, a = block_loss(trainable, base, idx, anchors, weight, K, cfg, device, amp, flags)  # uniform weights
                 losses.append(loss.item())
                 agree = agree + a.mean(0)  # (K-1,) agreement at each block index
             agree = agree / cfg.eval_batches  # (aligned anchors: the same blocks in every batch)
@@ -605,10 +459,51 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
         }, ckpt_path(cfg))
         print(f"saved {ckpt_path(cfg)} (step {step}; base unchanged, sha256 {base_hash[:12]})", flush=True)
 
+    # the loop: one optimizer step per iteration, top to bottom
     head.train()
     trainable = head if RANKS.world == 1 else torch.nn.parallel.DistributedDataParallel(head)
-    train_loop(cfg, trainable, optimizer, step_loss, evaluate, save, start, cfg.batch_size * cfg.grad_accum * seq_len,
-               device)
+    run, params = Run(cfg, start, cfg.batch_size * cfg.grad_accum * seq_len), list(head.parameters())
+    step = start
+    try:
+        for step in range(start, cfg.max_steps):
+            lr = set_lr(optimizer, lr_at(step, cfg))
+            total = 0.0
+            for micro in range(cfg.grad_accum):
+                # a global batch, drawn alike on every rank: a draft length K, anchors (before the
+                # windows when there are no response masks), windows, the blocks opening with MASK
+                K = draft_lens[torch.randint(len(draft_lens), (1,), generator=gen).item()]
+                anchors = None if data.masked else choose_anchors(seq_len, K, cfg.anchors, gen, cfg.anchors_per_seq)
+                idx, anchors, weight = plan_blocks(data.train_windows(cfg.batch_size, seq_len, gen), K, cfg.anchors, gen,
+                                                   seq_len, cfg.anchors_per_seq, anchors)
+                global_blocks = anchors.numel() * idx.size(0) if weight is None else float(weight.sum())
+                idx, weight = RANKS.rows((idx, weight))  # this rank's rows
+                local_blocks = anchors.numel() * idx.size(0) if weight is None else float(weight.sum())
+                # drawn only when asked for, so runs without MASK-first blocks keep their random stream
+                mask_first = torch.rand(anchors.numel(), generator=gen) < cfg.mask_first if cfg.mask_first > 0 else None
+                # DistributedDataParallel averages the gradients across ranks at the last micro-batch
+                last_micro = micro == cfg.grad_accum - 1 or not hasattr(trainable, "no_sync")
+                with contextlib.nullcontext() if last_micro else trainable.no_sync():
+                    loss, _ = block_loss(trainable, base, idx, anchors, weight, K, cfg, device, amp, mask_first,
+                                         cfg.loss_position_decay)
+                    # this rank's share of the global batch's counted blocks (exactly 1 in one process),
+                    # so the ranks' averaged gradients are those of the global mean
+                    loss = loss * (max(local_blocks, 1) * RANKS.world / max(global_blocks, 1)) / cfg.grad_accum
+                    loss.backward()
+                total += loss.item()
+            total = RANKS.mean(total)  # every rank sees the same figure (and stops together)
+            run.update(optimizer, params, total, step + 1)
+            sync_device(device)
+            done = step + 1
+            run.log(done, total, lr)
+            if done % cfg.eval_interval == 0 and done != cfg.max_steps:
+                evaluate(done)
+            if done % cfg.ckpt_interval == 0 and done != cfg.max_steps:
+                run.save(params, save, done)
+            run.restart_window(done)
+    except KeyboardInterrupt:
+        run.interrupted(step)
+    evaluate(cfg.max_steps)  # the loop always ends with an evaluation and a save
+    run.save(params, save, cfg.max_steps)
     return base, head
 
 
@@ -656,7 +551,7 @@ def head_seq_len(cfg: TrainConfig, context_len: int, pretrained: bool, row_len=N
 
 
 def dry_run(args, cfg: TrainConfig) -> dict:
-    """The estimate of estimate.py for this head-stage configuration (only the base's config is read)."""
+    """The estimate of benchmarks/estimate.py for this head-stage configuration (only the base's config is read)."""
     if cfg.stage != "head" or not cfg.base_ckpt:
         raise UserError("--dry-run estimates a head-stage run: pass --stage head --base-ckpt PATH")
     if is_pretrained_path(cfg.base_ckpt):

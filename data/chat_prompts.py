@@ -48,12 +48,13 @@ import textwrap
 
 DATA = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(DATA)
-for _p in (ROOT, DATA):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # so `python data/chat_prompts.py` finds the repository's modules
 
+from cli import ArgumentParser, run_cli  # noqa: E402
+from data.corpus import find_files, read_utf8, stdlib_root  # noqa: E402
+from data.prompts import read_prompt_file, record, sha, split_prompts  # noqa: E402,F401 (read_prompt_file: tests use it here)
 from errors import UserError  # noqa: E402
-from prompts import read_prompt_file, record, sha, split_prompts  # noqa: E402,F401 (read_prompt_file: tests use it here)
 
 GROUPS = ("code", "chat", "math")
 CODE_KINDS = ("write", "explain", "complete")
@@ -139,8 +140,6 @@ def third_person(line: str):
 
 def stdlib_files():
     """(relative name, text) of the stdlib's *.py files, test suites excluded, sorted, UTF-8 only."""
-    from prepare import find_files, read_utf8, stdlib_root
-
     root = stdlib_root()
     for name in find_files(root, ["*.py"], include_tests=False):
         text = read_utf8(os.path.join(root, name))
@@ -289,8 +288,6 @@ def write_jsonl(path, records):
 
 
 def build_parser():
-    from common import ArgumentParser
-
     p = ArgumentParser(__doc__)
     p.add_argument("--out-dir", default=os.path.join(DATA, "chat_prompts"), help="where train.jsonl, heldout.jsonl "
                    "and info.json go (default: data/chat_prompts)")
@@ -353,6 +350,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from common import run_cli
-
     run_cli(main)

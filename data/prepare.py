@@ -32,7 +32,6 @@ Examples (from the repository root):
   python data/prepare.py --tokenizer-from path/to/Qwen3-0.6B --out-dir data/stdlib_qwen3   # a real model's own
   python data/prepare.py --tokenizer-from SmolLM2-135M-Instruct.Q4_1.gguf --out-dir data/stdlib_smol
 """
-import argparse
 import hashlib
 import http.client
 import json
@@ -40,37 +39,30 @@ import math
 import os
 import platform
 import sys
-import sysconfig
 import time
 import urllib.request
-from fnmatch import fnmatch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # so `python data/prepare.py` can import tokenizer.py
 
 import tokenizer as tk  # noqa: E402
+from cli import ArgumentParser, run_cli  # noqa: E402
+from data.corpus import find_files, read_utf8, stdlib_root  # noqa: E402
 from errors import UserError  # noqa: E402  (one line `error: ...`, exit code 2)
+from pretrained import is_pretrained_path, load_model_tokenizer  # noqa: E402
+from pretrained.bpe import BPETokenizer  # noqa: E402
 
 TINYSTORIES_URL = (
     "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-valid.txt"
 )
-TEST_DIRS = {"test", "tests", "idle_test"}
-SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 # A split with fewer tokens than this cannot give train.py one window of the gpu preset (1024 + 1
 # tokens; the cpu preset needs 513): warned about, since a small --seq-len can still use it.
 MIN_SPLIT_TOKENS = 1025
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + error, and catchable by main()
-        raise UserError(f"{message} (see --help)")
-
-
 def build_parser():
-    p = _Parser(description=__doc__.split("\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog="\n".join(__doc__.split("\n")[2:]))
+    p = ArgumentParser(__doc__)
     src = p.add_argument_group("corpus")
     src.add_argument("--source", choices=["stdlib", "tinystories"], default=None,
                      help="built-in corpus: the Python stdlib's source (default when no --input) "
@@ -108,37 +100,6 @@ def build_parser():
 
 # -----------------------------------------------------------------------------
 # finding and reading documents
-
-
-def stdlib_root():
-    return sysconfig.get_paths()["stdlib"]
-
-
-def find_files(root, patterns, include_tests=True):
-    """Relative posix paths of the files under root whose name matches a pattern, sorted.
-
-    Never descends into site-packages, dist-packages, __pycache__ or hidden folders; test-suite
-    folders (test, tests, idle_test) only when include_tests.
-    """
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not d.startswith(".")
-                       and (include_tests or d not in TEST_DIRS)]
-        rel = os.path.relpath(dirpath, root)
-        for name in filenames:
-            if any(fnmatch(name, pat) for pat in patterns):
-                found.append(name if rel == "." else f"{rel}/{name}".replace(os.sep, "/"))
-    return sorted(found)
-
-
-def read_utf8(path):
-    """The file's text, exactly (no newline translation), or None if it is not valid UTF-8."""
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
 
 
 def read_files(pairs):
@@ -225,10 +186,8 @@ def split_documents(docs, val_fraction):
 
 def make_tokenizer(args, out_dir, train_docs):
     if args.tokenizer_from:  # its own errors are UserErrors already
-        from pretrained import is_pretrained_path, load_model_tokenizer
-
         path = args.tokenizer_from  # a model (its vocabulary size fixes the MASK id) or a bare tokenizer.json
-        tok = load_model_tokenizer(path) if is_pretrained_path(path) else tk.BPETokenizer.from_file(path)
+        tok = load_model_tokenizer(path) if is_pretrained_path(path) else BPETokenizer.from_file(path)
         print(f"tokenizer: {args.tokenizer_from} (byte-level BPE, vocab {tok.vocab_size}, MASK id {tok.mask_id})")
         return tok
     # tokenizer.py raises UserError for what a user can fix (a too-small vocabulary, no tiktoken cache)
@@ -372,14 +331,9 @@ def run(args):
 
 
 def main(argv=None):
-    try:
-        return run(build_parser().parse_args(argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """Returns 0; a user mistake is a UserError (run_cli: one line, exit code 2)."""
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
-    from common import run_cli  # Ctrl-C: one line, exit code 130
-
     sys.exit(run_cli(main))

@@ -26,9 +26,8 @@ made (prompts answered by the base itself).
          format is refused, --chat false continues plain text on any model.
 Greedy (--temperature 0) or sampled (--temperature/--top-k/--top-p; small models loop when greedy),
 up to --max-new-tokens per answer. Prompts are sorted by length and answered --batch-size at a time
-over one KV cache, rows left-padded (GPT.forward(pad=...)); each row stops at its own end id (any
-of the model's stop ids, its end of turn, end of text; what a finished row samples afterwards is
-dropped), and finished rows leave the batch once a quarter of it has finished. Each batch is one
+by orthrus.generate_batch; each row stops at its own end id (any of the model's stop ids, its end
+of turn, end of text). Each batch is one
 shard, gen_00000.jsonl, ..., written atomically, one line per conversation
 {"split", "index", "id", "prompt_ids", "response_ids", "stopped", "response"}, sampled from a
 generator seeded by (--seed, shard): a rerun of the same command skips the shards that exist and
@@ -54,7 +53,7 @@ PACKED FORMAT (the contract train.py reads):
   meta.json     "kind": "self-distilled", "row_len", "n_rows", "n_val_rows", "val": "rows",
                 "tokenizer" (the tokenizer's meta dict), "vocab_size", "dtype" (token dtype name
                 of the vocabulary), "eot_id", "end_of_turn_id", "stop_ids", "base", "base_format",
-                "base_sha256" (common.state_sha256 of the base as loaded, in float32: what
+                "base_sha256" (checkpoint.state_sha256 of the base as loaded, in float32: what
                 train.py compares), "tokenizer_sha256", "prompts",
                 "prompts_sha256", "chat", "temperature", "top_k", "top_p", "seed",
                 "max_new_tokens", "batch_size", "summary"; NO "source_data_dir" (there is no
@@ -76,11 +75,14 @@ import torch
 DATA = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(DATA))  # the repository root
 
-from common import (ArgumentParser, UserError, build_base, fmt_time, load_checkpoint, open_model,  # noqa: E402
-                    pick_device, read_data_meta, run_cli, save_checkpoint, set_threads, state_sha256)
-from prompts import read_prompt_file, read_prompt_folder, split_prompts  # noqa: E402
+from checkpoint import build_base, load_checkpoint, open_model, save_checkpoint, state_sha256  # noqa: E402
+from cli import ArgumentParser, add_runtime_flags, add_sampling_flags, fmt_time, pick_device, run_cli, set_threads  # noqa: E402
+from data.prompts import read_prompt_file, read_prompt_folder, split_prompts  # noqa: E402
+from errors import UserError  # noqa: E402
+from orthrus import generate_batch  # noqa: E402
 from sampling import Sampling  # noqa: E402
 from tokenizer import load_tokens, token_dtype  # noqa: E402
+from training.data import read_data_meta  # noqa: E402
 
 
 def build_parser():
@@ -95,45 +97,23 @@ def build_parser():
     p.add_argument("--row-len", type=int, default=0, help="tokens per row (0 = the base's context in corpus mode, "
                    "512 in prompts mode)")
     p.add_argument("--prompt-len", type=int, default=32, help="corpus mode: corpus tokens that open each row")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (corpus mode: > 0, "
-                   "greedy text loops; prompts mode: 0 = greedy)")
-    p.add_argument("--top-k", type=int, default=0, help="top-k for sampling (0 = off)")
     p.add_argument("--batch-size", type=int, default=None, help="rows generated together, one shard each "
                    "(default: 64 in corpus mode, 32 in prompts mode)")
-    p.add_argument("--seed", type=int, default=1337, help="seeds the prompt choice and the sampler")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--prompts", default=None, metavar="PATH", help="prompts mode: a data/chat_prompts.py folder or "
                    "a prompt file (JSONL with \"prompt\", or plain text)")
     p.add_argument("--base", default=None, metavar="MODEL", help="prompts mode: a .gguf file, a Hugging Face "
                    "folder or one of our .pt checkpoints")
     p.add_argument("--chat", choices=["auto", "true", "false"], default="auto", help="prompts mode: answer in the "
                    "model's chat format (auto: when it has one)")
-    p.add_argument("--top-p", type=float, default=None, help="prompts mode: nucleus sampling (default 1 = off)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="prompts mode: longest answer (default 256)")
     p.add_argument("--max-prompts", type=int, default=0, help="prompts mode: answer only the first N training "
                    "prompts (0 = all; the held-out prompts are all answered)")
     p.add_argument("--rows-per-file", type=int, default=2048, help="prompts mode: packed rows per rows_*.pt file")
     p.add_argument("--pack-into", default=None, metavar="DIR", help="prompts mode: generate nothing; pack the shards "
                    "--out-dir holds so far into DIR (train a head on them while generation goes on)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default, which follows "
-                   "OMP_NUM_THREADS)")
+    add_sampling_flags(p, temperature=0.8, top_p=None, seed_help="seeds the prompt choice and the sampler")
+    add_runtime_flags(p, threads=0)
     return p
-
-
-@torch.no_grad()
-def continue_prompts(base, prompts: torch.Tensor, length: int, sampling: Sampling) -> torch.Tensor:
-    """(B, P) prompts -> (B, length) rows: each prompt continued by the base's samples, all rows of
-    the batch decoded together over one KV cache."""
-    B, P = prompts.shape
-    cache = base.new_cache(batch_size=B, capacity=length)
-    out = [prompts]
-    logits = base(prompts, cache, logits="last")[:, 0]  # (B, V)
-    for i in range(length - P):
-        token = sampling.choose(logits.float()).view(B, 1)
-        out.append(token)
-        if i + 1 < length - P:  # the last token is never fed
-            logits = base(token, cache, logits="last")[:, 0]
-    return torch.cat(out, 1)
 
 
 def run_corpus(args):
@@ -194,7 +174,8 @@ def run_corpus(args):
         starts = torch.randint(0, train.numel() - args.prompt_len, (args.batch_size,), generator=g).tolist()
         prompts = torch.stack([train[s : s + args.prompt_len].long() for s in starts]).to(device)
         shard_sampling = Sampling(args.temperature, args.top_k, 1.0, torch.Generator(device=device).manual_seed(g.initial_seed() + 1))
-        save_checkpoint(continue_prompts(base, prompts, row_len, shard_sampling).cpu(), path)
+        answers, _ = generate_batch(base, prompts.tolist(), row_len - args.prompt_len, shard_sampling)
+        save_checkpoint(torch.cat([prompts.cpu(), torch.tensor(answers, dtype=torch.long)], 1), path)
         made += 1
         rate = made * args.batch_size * (row_len - args.prompt_len) / (time.time() - t0)
         left = sum(not os.path.exists(os.path.join(args.out_dir, f"rows_{i:05d}.pt")) for i in range(n_shards))
@@ -209,47 +190,6 @@ def run_corpus(args):
 
 # ---------------------------------------------------------------------------------------------
 # prompts mode: answering prompts in batches
-
-
-@torch.no_grad()
-def answer_batch(base, prompts, max_new_tokens: int, sampling: Sampling, stop_ids, pad_id: int = 0,
-                 compact: bool = True):
-    """Answers to a batch of prompts (lists of ids, any lengths), decoded together over one KV
-    cache: rows left-padded to the longest prompt (GPT.forward(pad=...) hides the padding), each
-    row stopping at the first id in stop_ids (included in its answer) or after max_new_tokens.
-    What a finished row produces afterwards is dropped; with compact, finished rows leave the
-    batch (cache rows selected away) once a quarter of it has finished.
-    Returns (answers: [[id]], stopped: [bool]) in the order of prompts."""
-    B = len(prompts)
-    lens = [len(p) for p in prompts]
-    if B == 0 or min(lens) == 0:
-        raise ValueError("answer_batch needs at least one prompt and no empty prompt")
-    device = base.lm_head.weight.device
-    P = max(lens)
-    x = torch.full((B, P), pad_id, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        x[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
-    pad = torch.tensor([P - n for n in lens], dtype=torch.long, device=device)
-    cache = base.new_cache(batch_size=B, capacity=P + max_new_tokens)
-    logits = base(x.to(device), cache, logits="last", pad=pad)[:, 0]  # (B, V)
-    stop = set(int(s) for s in stop_ids)
-    answers, stopped = [[] for _ in range(B)], [False] * B
-    rows = list(range(B))  # the prompt each batch row answers
-    for step in range(max_new_tokens):
-        token = sampling.choose(logits)  # (B_now,); Sampling upcasts low-precision logits itself
-        for b, t in zip(rows, token.tolist()):
-            if not stopped[b]:
-                answers[b].append(t)
-                stopped[b] = t in stop
-        alive = [j for j, b in enumerate(rows) if not stopped[b]]
-        if not alive or step + 1 == max_new_tokens:
-            break
-        if compact and len(rows) - len(alive) >= max(1, len(rows) // 4):
-            keep = torch.tensor(alive, device=device)
-            cache.k, cache.v = cache.k[:, keep], cache.v[:, keep]
-            pad, token, rows = pad[keep], token[keep], [rows[j] for j in alive]
-        logits = base(token.view(-1, 1), cache, logits="last", pad=pad)[:, 0]
-    return answers, stopped
 
 
 def sha256_file(*paths) -> str:
@@ -283,7 +223,7 @@ def load_prompts(path, max_prompts: int = 0):
 
 
 def load_base_for_prompts(path, device):
-    """(base, tokenizer, description dict) from anything common.open_model reads."""
+    """(base, tokenizer, description dict) from anything checkpoint.open_model reads."""
     if not os.path.exists(path):
         raise UserError(f"--base {path} not found: pass a .gguf file, a Hugging Face model folder or a .pt checkpoint")
     base, _, tok, info = open_model(path, device)
@@ -421,8 +361,8 @@ def run_prompts(args):
         batch = shards[s]
         gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + s)
         sampling = Sampling(args.temperature, args.top_k, top_p, gen)
-        answers, stopped = answer_batch(base, [it["prompt_ids"] for it in batch], max_new, sampling, stop_ids,
-                                        pad_id=tok.eot_id)
+        answers, stopped = generate_batch(base, [it["prompt_ids"] for it in batch], max_new, sampling, stop_ids,
+                                          pad_id=tok.eot_id)
         shard_path = os.path.join(args.out_dir, f"gen_{s:05d}.jsonl")
         with open(shard_path + ".tmp", "w", encoding="utf-8") as f:
             for it, a, st in zip(batch, answers, stopped):

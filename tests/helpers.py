@@ -15,7 +15,7 @@ import random
 import pytest
 import torch
 
-from common import run_cli
+from cli import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +36,7 @@ def single_thread():
 
 
 def load_script(name):
-    """data/<name>.py as a module (data/ is a folder of scripts, not a package)."""
+    """data/<name>.py loaded from its file, the way `python data/<name>.py` runs it (a script)."""
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "data", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -86,7 +86,7 @@ def train(argv):
 
 
 def expect_user_error(main, argv, capsys) -> str:
-    """main(argv) through common.run_cli must fail as a user mistake: exit code 2 and exactly one
+    """main(argv) through cli.run_cli must fail as a user mistake: exit code 2 and exactly one
     line on stderr, `error: ...`, no traceback. Returns that line."""
     capsys.readouterr()  # drop whatever came before
     with pytest.raises(SystemExit) as exc:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import bench
+import benchmarks.suites
 from helpers import expect_user_error
 
 
@@ -72,7 +73,7 @@ def test_bench_bad_input(tiny, tmp_path, capsys):
         return expect_user_error(bench.main, ["--device", "cpu", "--prompt-len", "8", "--max-new-tokens", "8", *argv], capsys)
 
     assert "no diffusion head" in error("--ckpt", tiny["base"])
-    assert "--draft-lens values must be >= 2" in error("--ckpt", tiny["head"], "--draft-lens", "1,4")
+    assert "--draft-lens must be >= 2" in error("--ckpt", tiny["head"], "--draft-lens", "1,4")
     assert "unknown --methods" in error("--ckpt", tiny["head"], "--methods", "orthrus,medusa")
     assert "exceeds the model's context of 64" in error("--ckpt", tiny["head"], "--prompt-len", "60")
     assert "--max-new-tokens must be >= 1" in error("--ckpt", tiny["head"], "--max-new-tokens", "0")
@@ -86,7 +87,7 @@ def test_bench_checks_flags_before_loading(tiny, tmp_path, capsys, monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("loaded a model before checking every flag")
 
-    monkeypatch.setattr(bench, "open_model", never)
+    monkeypatch.setattr(benchmarks.suites, "open_model", never)
     for flags, message in ((["--methods", "orthrus,medusa"], "unknown --methods"), (["--modes", "fast"], "unknown --modes"),
                            (["--gammas", "0"], "--gammas values must be >= 1"), (["--heads", "nolabel"], "label=path"),
                            (["--json", str(tmp_path / "missing" / "r.json")], "cannot write into")):

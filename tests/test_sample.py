@@ -128,7 +128,7 @@ def test_command_line_error_has_no_traceback(tmp_path):
 def _bad_checkpoints(tmp_path, head_ckpt=None):
     (tmp_path / "random.pt").write_bytes(os.urandom(1000))
     if head_ckpt is not None:
-        from common import state_sha256
+        from checkpoint import state_sha256
 
         # the head travels with a base that is not the one it was trained on (hash mismatch)
         ck = torch.load(head_ckpt, weights_only=True)
@@ -218,7 +218,7 @@ def test_default_prompt_shows_text(tiny, capsys):
 def test_internal_error_is_not_disguised_as_a_user_mistake(tiny, capsys, monkeypatch):
     """A defect in our own code (here: a KV-cache overflow) keeps its traceback; run_cli does not
     turn it into a one-line `error:` with exit code 2."""
-    from common import run_cli
+    from cli import run_cli
     from model import GPT
 
     def broken_cache(self, batch_size=1, capacity=None):

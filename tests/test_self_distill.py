@@ -11,13 +11,13 @@ import os
 import pytest
 import torch
 
+import pretrained.bpe as pbpe
 import tokenizer as tk
-from common import save_checkpoint, state_sha256
+from checkpoint import save_checkpoint, state_sha256
 from helpers import train
 from helpers import expect_user_error, load_script
 from test_pretrained import smollm2_path
 from model import GPT, GPTConfig
-from sampling import GREEDY, Sampling
 
 cp = load_script("chat_prompts")
 sd = load_script("self_distill")
@@ -34,8 +34,8 @@ END_OF_TURN = 258
 
 
 def write_tiny_tokenizer(folder):
-    singles = [bytes([tk.CHAR_TO_BYTE[c]]) for c in sorted(tk.CHAR_TO_BYTE)]
-    vocab = {"".join(tk.BYTE_TO_CHAR[x] for x in b): i for i, b in enumerate(singles)}
+    singles = [bytes([pbpe.CHAR_TO_BYTE[c]]) for c in sorted(pbpe.CHAR_TO_BYTE)]
+    vocab = {"".join(pbpe.BYTE_TO_CHAR[x] for x in b): i for i, b in enumerate(singles)}
     added = [{"id": 256 + k, "content": c, "special": True, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False} for k, c in enumerate(ADDED)]
     data = {"version": "1.0", "added_tokens": added, "normalizer": None,
@@ -46,7 +46,7 @@ def write_tiny_tokenizer(folder):
         json.dump(data, f)
     with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump({"chat_template": CHAT_TEMPLATE}, f)
-    return tk.BPETokenizer.from_file(str(folder))
+    return pbpe.BPETokenizer.from_file(str(folder))
 
 
 def tiny_gpt(seed=0, dtype=torch.float32):
@@ -188,46 +188,6 @@ def test_bad_prompt_files(tmp_path, capsys, name, data, message):
     line = expect_user_error(sd.main, ["--prompts", path, "--base", "nowhere.gguf", "--out-dir", tmp_path / "o"],
                              capsys)
     assert message in line
-
-
-# ---------------------------------------------------------------------------------------------
-# batched answering
-
-
-def test_batched_greedy_equals_one_at_a_time():
-    model = tiny_gpt(dtype=torch.float64)
-    prompts = [[5, 6, 7], list(range(40, 60)), [9], list(range(100, 111)), [1, 2]]
-    for stop in ([], [7]):
-        batched, stopped = sd.answer_batch(model, prompts, 12, GREEDY, stop)
-        for p, a, s in zip(prompts, batched, stopped):
-            alone, alone_stopped = sd.answer_batch(model, [p], 12, GREEDY, stop)
-            assert alone[0] == a and alone_stopped[0] == s
-    free, _ = sd.answer_batch(model, prompts, 12, GREEDY, [])
-    assert len({tuple(a) for a in free}) > 1  # the answers differ: a real test
-
-
-def test_rows_stop_at_their_own_end_id():
-    model = tiny_gpt(dtype=torch.float64)
-    prompts = [[5, 6, 7], list(range(40, 60)), [9], list(range(100, 111)), [1, 2], [200, 201, 3]]
-    free, free_stopped = sd.answer_batch(model, prompts, 16, GREEDY, [])
-    assert not any(free_stopped) and all(len(a) == 16 for a in free)
-    stops = {free[0][2], free[3][5]}  # row 0 stops at step 3 at the latest, row 3 at step 6
-    got, stopped = sd.answer_batch(model, prompts, 16, GREEDY, stops)
-    for a, s, f in zip(got, stopped, free):
-        cut = next((i + 1 for i, t in enumerate(f) if t in stops), None)
-        assert a == (f[:cut] if cut else f) and s == (cut is not None)
-    assert stopped[0] and stopped[3] and len(got[0]) <= 3
-    # without compaction the same answers (compaction only drops finished rows)
-    same, _ = sd.answer_batch(model, prompts, 16, GREEDY, stops, compact=False)
-    assert same == got
-
-
-def test_sampled_answers_reproducible():
-    model = tiny_gpt()
-    prompts = [[5, 6, 7], [9], list(range(40, 50))]
-    runs = [sd.answer_batch(model, prompts, 10, Sampling(0.8, 0, 0.9, torch.Generator().manual_seed(3)), [12])
-            for _ in range(2)]
-    assert runs[0] == runs[1]
 
 
 def test_pack_invariants():

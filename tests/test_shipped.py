@@ -8,7 +8,7 @@ import os
 import pytest
 
 import sample
-from common import load_checkpoint, load_model
+from checkpoint import load_checkpoint, load_model
 from helpers import ROOT
 from orthrus import generate, generate_orthrus
 from tokenizer import ByteTokenizer

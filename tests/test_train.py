@@ -16,9 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
+import cli
 import train as train_script
-from common import load_checkpoint, load_model, run_cli, save_checkpoint, state_sha256
+from checkpoint import load_checkpoint, load_model, save_checkpoint, state_sha256
+from cli import run_cli
 from helpers import CPU, ROOT, expect_user_error, load_script, prepare_data, train, write_corpus
 from model import GPT, GPTConfig
 from tokenizer import ByteTokenizer, load_tokens
@@ -223,7 +224,7 @@ def test_flags_are_checked_before_anything_is_read(tiny, tmp_path, capsys, monke
                            (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
                            (["--n-layer", "3"], "--n-layer: model flags apply to --stage base only"),
                            (["--device", "cuda:7"], "--device cuda:7")):
-        if extra[:2] == ["--device", "cuda:7"] and "cuda:7" in common.available_devices():
+        if extra[:2] == ["--device", "cuda:7"] and "cuda:7" in cli.available_devices():
             continue
         assert message in expect_user_error(train_script.main, head + extra, capsys)
     base = ["--preset", "tiny", "--data-dir", tmp_path / "missing", "--out-dir", tmp_path / "b", *CPU]
@@ -472,7 +473,7 @@ HEAD_ERRORS = [
     ("missing_base", "needs --base-ckpt PATH"),
     ("nonexistent_base", "not found"),
     ("sentencepiece_data", "tokenized with sentencepiece"),
-    ("draft_lens_1", "--draft-lens needs lengths >= 2"),
+    ("draft_lens_1", "--draft-lens must be >= 2"),
     ("draft_lens_junk", "comma list of integers"),
     ("draft_len_too_long", "too long for training sequences of 64"),
     ("loss_typo", "invalid choice: 'kll'"),

@@ -10,17 +10,16 @@ The counts follow the training path of diffusion_head.py: one frozen base forwar
 K tokens through every layer with the head's attention (trainable: weight and input gradients)
 and the shared MLP (frozen: input gradients only); the LM head over the block tokens in chunks
 that are recomputed in backward; attention a group of blocks at a time over the group's prefix
-and block tokens (diffusion_head.chunked_block_attention).
+and block tokens (training/attention.py, chunked_block_attention).
 Estimates, not measurements: they leave out allocator slack and small tensors.
 """
 
-import math
 import time
 
 import torch
 
 from decoding import sync_device
-from diffusion_head import default_blocks_per_call
+from training.attention import default_blocks_per_call
 from model import kv_bytes
 
 MATMUL_EFFICIENCY = 0.4  # share of a GPU's peak that training matmuls of this size reach, for --tflops

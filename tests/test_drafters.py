@@ -1,4 +1,4 @@
-"""The baselines of speculative.py are exact too: two-model speculative decoding and prompt lookup,
+"""The baselines of benchmarks/drafters.py are exact too: two-model speculative decoding and prompt lookup,
 verified by consensus.py, give greedy AR's tokens (float64) and AR's sampling distribution; the
 draft model's own KV cache always holds exactly committed tokens."""
 
@@ -11,7 +11,7 @@ from model import GPT, GPTConfig
 from errors import UserError
 from orthrus import generate, generate_speculative
 from sampling import Sampling
-from speculative import DraftModelDrafter, PromptLookupDrafter
+from benchmarks.drafters import DraftModelDrafter, PromptLookupDrafter
 from test_orthrus import CFG, V, exact_ar_distribution, random_orthrus, trained_orthrus  # noqa: F401 (fixture)
 
 

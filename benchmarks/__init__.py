@@ -1,0 +1,1 @@
+"""Benchmarks and estimators: the bench.py suites, the --dry-run estimator, the baseline drafters."""

@@ -1,0 +1,263 @@
+"""
+The checkpoint format, in one place: atomic saves, weights-only loads with a one-line error for
+every way a file can be wrong, the hash that identifies a base, building base and head from a
+checkpoint, and `open_model`, which opens anything the scripts accept as a model.
+"""
+
+import dataclasses
+import hashlib
+import os
+import re
+
+import torch
+
+from diffusion_head import DiffusionHead, check_draft_lens
+from errors import UserError
+from model import GPT, GPTConfig
+import pretrained
+from pretrained.bpe import load_any_tokenizer
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+#
+# A checkpoint is data, never code: a dict of plain types and tensors, loaded with
+# torch.load(weights_only=True). Three kinds:
+#   kind "orthrus-base": {model_config, model, tokenizer, optimizer, step, train_config, ...}
+#   kind "orthrus":      the base's model_config/model/tokenizer plus {head_config, head,
+#                        base_sha256, base_ckpt}: base + head in one self-contained file.
+#   kind "orthrus-head": a head for a pretrained base (a Hugging Face folder or .gguf file) that
+#                        is too big to copy: {head_config, head, base_path, base_sha256 (of the
+#                        base loaded in float32), tokenizer}; the base is read from base_path.
+
+CHECKPOINT_KINDS = ("orthrus-base", "orthrus", "orthrus-head")
+
+
+def save_checkpoint(obj: dict, path: str):
+    """Write atomically: a temp file in the same folder, flushed to disk, then renamed over `path`.
+    A crash mid-write leaves the previous checkpoint intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _summary(e: BaseException, limit: int = 100, text: str | None = None) -> str:
+    """`Type: first non-empty line of the message` (or of `text`), cut at a word boundary: never
+    an IndexError on an empty message, never a word cut in half."""
+    lines = [line.strip() for line in (str(e) if text is None else text).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:") + " ..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+# what each kind must hold, and the type of each entry (checked before anything is built from it)
+REQUIRED_FIELDS = {
+    "orthrus-base": {"model_config": dict, "model": dict, "tokenizer": dict},
+    "orthrus": {"model_config": dict, "model": dict, "tokenizer": dict, "head_config": dict, "head": dict,
+                "base_sha256": str},
+    "orthrus-head": {"head_config": dict, "head": dict, "base_path": str, "base_sha256": str, "tokenizer": dict},
+}
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load one of our checkpoints, with a one-line error for every way it can be wrong."""
+    if not path:
+        raise UserError("no checkpoint given: pass --ckpt PATH (train one with `python train.py --preset cpu`)")
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path!r} not found (train one with `python train.py --preset cpu`)")
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path!r} is a folder; pass the .pt file inside it (e.g. {os.path.join(path, 'ckpt.pt')})")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"checkpoint {path!r} is empty (0 bytes): an interrupted copy or download? copy it again")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle errors, zip errors, unsafe globals: all mean "not ours"
+        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if unsafe:
+            raise UserError(f"{path!r} holds pickled Python objects ({unsafe.group(1)}), which a weights-only load "
+                            "refuses: orthrus checkpoints are plain tensors and dicts written by train.py or export.py") from None
+        # the weights-only refusal is a paragraph of advice; its reason follows "WeightsUnpickler error:"
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+        reason = _summary(e, text=detail.group(1) if detail else None)
+        raise UserError(f"{path!r} is not a readable orthrus checkpoint ({reason})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") not in CHECKPOINT_KINDS:
+        raise UserError(f"{path!r} is not an orthrus checkpoint (expected a dict with kind in {CHECKPOINT_KINDS})")
+    for field, kind in REQUIRED_FIELDS[ckpt["kind"]].items():
+        if not isinstance(ckpt.get(field), kind):
+            problem = "has no" if field not in ckpt else f"has a {type(ckpt[field]).__name__} as"
+            raise UserError(f"{path!r} ({ckpt['kind']}) {problem} {field!r}: the file is incomplete or was edited; "
+                            "use a checkpoint written by train.py or export.py")
+    return ckpt
+
+
+def _check_state_dict(module: torch.nn.Module, state: dict, what: str):
+    """Name what does not fit, before load_state_dict's multi-line message can: missing and
+    unexpected tensors, values that are not tensors, wrong shapes."""
+    expected = module.state_dict()
+
+    def names(keys):
+        keys = sorted(keys)
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    problems = []
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    if missing:
+        problems.append(f"missing tensor(s) {names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensor(s) {names(unexpected)}")
+    not_tensors = [k for k in set(expected) & set(state) if not isinstance(state[k], torch.Tensor)]
+    if not_tensors:
+        problems.append(f"not a tensor: {names(not_tensors)}")
+    wrong = sorted(k for k in set(expected) & set(state) if k not in not_tensors and state[k].shape != expected[k].shape)
+    if wrong:
+        k = wrong[0]
+        problems.append(f"{k} has shape {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}"
+                        + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+    if problems:
+        raise UserError(f"{what}: {'; '.join(problems)}; the file is damaged or was edited")
+
+
+def build_base(ckpt: dict, device="cpu", dtype=None) -> GPT:
+    """The frozen-or-not base GPT stored in a checkpoint, loaded strictly."""
+    config = ckpt["model_config"]
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise UserError(f"the checkpoint's model_config has unknown field(s) {', '.join(map(str, unknown))}: "
+                        "it was written by another version of orthrus, or edited")
+    try:
+        model = GPT(GPTConfig(**config))
+    except UserError as e:
+        raise UserError(f"the checkpoint's model_config is invalid: {e}") from None
+    _check_state_dict(model, ckpt["model"], "the checkpoint's weights do not fit its own model_config")
+    model.load_state_dict(ckpt["model"], strict=True)
+    model.to(device=device, dtype=dtype or torch.float32)
+    return model
+
+
+def tensor_bytes(t: torch.Tensor):
+    """The raw bytes of a tensor's values, as a buffer (no Python-level copy): the storage of
+    t.clone(), which holds exactly this tensor (row-major, or in t's own dense layout for a
+    permuted view). Works for every dtype (bf16 included) and for 0-d and empty tensors."""
+    c = t.detach().cpu().clone()
+    return torch.empty(0, dtype=torch.uint8).set_(c.untyped_storage()).numpy()
+
+
+def state_sha256(state_dict: dict) -> str:
+    """A hash of a model's tensors (names, dtypes, shapes, values): identifies a base model
+    independently of the file it came in (optimizer state, step, etc. do not count)."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(tensor_bytes(t))
+    return h.hexdigest()
+
+
+def clean_state_dict(module: torch.nn.Module) -> dict:
+    """state_dict of the uncompiled module: never `_orig_mod.` keys from torch.compile."""
+    return getattr(module, "_orig_mod", module).state_dict()
+
+
+def check_base_sha256(base: GPT, expected: str, where: str):
+    """A head belongs to one base: refuse any other (sha256 of its tensors, as loaded)."""
+    got = state_sha256(base.state_dict())
+    if got != expected:
+        raise UserError(f"the base weights in {where} are not the expected base (sha256 {got[:12]}... instead of "
+                        f"{expected[:12]}...); use the folder built on that base, or the base it was made for")
+
+
+def build_head(ckpt: dict, base: GPT, device, dtype):
+    """The checkpoint's DiffusionHead on `base`, checked and frozen."""
+    head_cfg = ckpt["head_config"]
+    lens = head_cfg.get("trained_draft_lens")
+    if not isinstance(head_cfg.get("mask_id"), int) or not isinstance(lens, list) or not lens:
+        raise UserError("the checkpoint's head_config needs an integer mask_id and a non-empty list "
+                        f"trained_draft_lens, got {head_cfg!r}: the file is damaged or was edited")
+    check_draft_lens(lens, "the checkpoint's head_config trained_draft_lens")
+    if not 0 <= head_cfg["mask_id"] < base.config.vocab_size:
+        raise UserError(f"the head's MASK id {head_cfg['mask_id']} is outside the base vocabulary "
+                        f"({base.config.vocab_size}): head and base do not belong together")
+    head = DiffusionHead(base, head_cfg["mask_id"], lens)
+    _check_state_dict(head, ckpt["head"], "the head's weights do not fit this base")
+    head.load_state_dict(ckpt["head"], strict=True)
+    return head.to(device=device, dtype=dtype).requires_grad_(False).eval()
+
+
+def same_tokenizer(a: dict, b: dict) -> bool:
+    """Whether two tokenizer metas describe the same tokenizer (a pretrained model's BPE by its
+    content hash, wherever its file lies; ours by every field)."""
+    if a.get("kind") == b.get("kind") == "bpe":
+        return a.get("sha256") == b.get("sha256") and a.get("mask_id") == b.get("mask_id")
+    return a == b
+
+
+def open_model(path: str, device="cpu", dtype=torch.float32):
+    """(base GPT, DiffusionHead or None, tokenizer, info) from anything the scripts accept as a
+    model: a Hugging Face folder, a .gguf file or an official Orthrus folder (pretrained/), or one
+    of our .pt checkpoints (open_checkpoint). info: "format", "stop_ids" (stop after any), "chat"
+    (the tokenizer has a chat format), "data_dir" and "ckpt" (our checkpoints' data and dict)."""
+    if path and pretrained.is_pretrained_path(path):
+        return pretrained.load_pretrained(path, device, dtype)
+    return open_checkpoint(load_checkpoint(path), device, dtype)
+
+
+def open_checkpoint(ckpt: dict, device="cpu", dtype=torch.float32, with_tokenizer: bool = True):
+    """(base, head or None, tokenizer, info) of a loaded checkpoint, one branch per kind; models
+    in eval mode, frozen. with_tokenizer False: tokenizer None (for our kinds, nothing rebuilt)."""
+    if ckpt["kind"] == "orthrus-head":  # the base is the pretrained model it was trained on, read where it lies
+        path = ckpt["base_path"]
+        base, _, tokenizer, info = pretrained.load_pretrained(path, device, torch.float32,
+                                                              mask_id=ckpt["head_config"].get("mask_id"))
+        check_base_sha256(base, ckpt["base_sha256"], path)  # in float32, before casting to dtype
+        head = build_head(ckpt, base, device, torch.float32)
+        info.update(format="orthrus-head", ckpt=ckpt, data_dir=ckpt.get("data_dir"))
+        return base.to(dtype=dtype), head.to(dtype=dtype), tokenizer, info
+    base = build_base(ckpt, device, dtype).requires_grad_(False).eval()
+    head = None
+    if ckpt["kind"] == "orthrus":  # base + head in one file
+        if state_sha256(ckpt["model"]) != ckpt["base_sha256"]:
+            raise UserError("the base weights in this checkpoint are not the ones its head was trained on "
+                            f"(sha256 differs from {ckpt['base_sha256'][:12]}...); retrain the head on this base "
+                            "with `python train.py --stage head --base-ckpt ...`")
+        head = build_head(ckpt, base, device, dtype)
+    tokenizer = load_ckpt_tokenizer(ckpt) if with_tokenizer else None
+    info = {"format": ckpt["kind"], "stop_ids": [tokenizer.eot_id] if tokenizer else [], "chat": False,
+            "end_of_turn_id": None, "data_dir": ckpt.get("data_dir"), "ckpt": ckpt}
+    return base, head, tokenizer, info
+
+
+def load_model(ckpt: dict, device="cpu", dtype=torch.float32):
+    """(base GPT, DiffusionHead or None) of a loaded checkpoint, in eval mode, frozen."""
+    base, head, _, _ = open_checkpoint(ckpt, device, dtype, with_tokenizer=False)
+    return base, head
+
+
+def tokenizer_model_tensor(tokenizer_meta: dict, data_dir: str):
+    """The sentencepiece model file as a uint8 tensor, so checkpoints are self-contained
+    (None for byte/tiktoken, which need no file)."""
+    if tokenizer_meta.get("kind") != "sentencepiece":
+        return None
+    path = os.path.join(data_dir, tokenizer_meta["model_file"])
+    with open(path, "rb") as f:
+        return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+
+
+def load_ckpt_tokenizer(ckpt: dict):
+    """The tokenizer a checkpoint was trained with (from the bytes it carries, if any)."""
+    blob = ckpt.get("tokenizer_model")
+    model_bytes = None if blob is None else tensor_bytes(blob).tobytes()
+    try:
+        return load_any_tokenizer(ckpt["tokenizer"], base_dir=ckpt.get("data_dir"), model_bytes=model_bytes)
+    except UserError as e:  # a foreign sentencepiece model, no tiktoken cache: say it was the checkpoint's
+        raise UserError(f"the checkpoint's tokenizer cannot be rebuilt ({_summary(e, 160)})") from None

@@ -1,0 +1,1 @@
+"""Data preparation and self-distillation scripts, and the prompt files they share."""
