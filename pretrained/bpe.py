@@ -340,29 +340,9 @@ class BPETokenizer(Tokenizer):
         return m
 
     def to_tokenizer_json(self) -> dict:
-        """An equivalent Hugging Face tokenizer.json (as a dict): BPE model, Split stages then
-        ByteLevel, added tokens. Lets a GGUF-only tokenizer be exported, and tested against
-        `tokenizers`."""
-        stages = [{"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": False}
-                  for p in self.splits]
-        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
-        to_str = lambda b: "".join(BYTE_TO_CHAR[x] for x in b)  # noqa: E731
-        vocab = {to_str(b): i for i, b in sorted(self._tokens.items())}
-        for i, c in sorted(self._added.items()):  # as tokenizers' own files do (GPT-2, SmolLM2)
-            vocab.setdefault(c, i)
-        return {
-            "version": "1.0", "truncation": None, "padding": None,
-            "added_tokens": [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
-                              "normalized": False, "special": True} for i, c in sorted(self._added.items())],
-            "normalizer": {"type": "NFC"} if self.normalizer == "NFC" else None,
-            "pre_tokenizer": {"type": "Sequence", "pretokenizers": stages + [byte_level]},
-            "post_processor": None,
-            "decoder": dict(byte_level),
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                      "vocab": vocab,
-                      "merges": [[to_str(a), to_str(b)] for a, b in self._merges]},
-        }
+        """An equivalent Hugging Face tokenizer.json (as a dict): lets a GGUF-only tokenizer be
+        exported, and tested against `tokenizers`."""
+        return tokenizer_json(self._tokens, self._merges, self._added, self.splits, self.normalizer)
 
     # ---- constructors ----------------------------------------------------------------------
 
@@ -572,6 +552,35 @@ def load_bpe(meta, base_dir):
         raise UserError(f"tokenizer {path} is not the one this meta was made with (its content hash differs); "
                         f"point to the model it was made with")
     return tok
+
+
+def tokenizer_json(tokens: dict, merges: list, added: dict, splits: list, normalizer=None) -> dict:
+    """A Hugging Face tokenizer.json (as a dict) for byte-level BPE: tokens {id: bytes}, merges
+    [(bytes, bytes)], added tokens {id: str}; Split stages then ByteLevel, as tokenizers' own files."""
+    stages = [{"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": False} for p in splits]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    to_str = lambda b: "".join(BYTE_TO_CHAR[x] for x in b)  # noqa: E731
+    vocab = {to_str(b): i for i, b in sorted(tokens.items())}
+    for i, c in sorted(added.items()):  # as tokenizers' own files do (GPT-2, SmolLM2)
+        vocab.setdefault(c, i)
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for i, c in sorted(added.items())],
+        "normalizer": {"type": "NFC"} if normalizer == "NFC" else None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": stages + [byte_level]},
+        "post_processor": None,
+        "decoder": dict(byte_level),
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": [[to_str(a), to_str(b)] for a, b in merges]},
+    }
+
+
+def byte_tokenizer_json(eot_id: int, mask_id: int) -> dict:
+    """tokenizer.ByteTokenizer as a tokenizer.json: 256 byte tokens (id = byte value), no merges, end
+    of text and MASK as added tokens; what an exported byte-level model ships so it can be read back."""
+    return tokenizer_json({b: bytes([b]) for b in range(256)}, [], {eot_id: EOT_STRING, mask_id: MASK_STRING}, [])
 
 
 def load_any_tokenizer(meta, base_dir=None, model_bytes=None):
