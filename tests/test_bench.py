@@ -48,6 +48,21 @@ def test_compare_suite_tables_and_json(tiny, tmp_path, capsys):
     assert 0 < results["trainable_fraction"] < 1
 
 
+def test_compare_suite_tree_and_fused_rows(tiny, capsys):
+    """Token trees (greedy only) and the fused pass run beside the chain, stay identical to AR, and
+    every row reports its cycle's passes in AR steps."""
+    results = bench.main(["--suite", "compare", "--ckpt", tiny["head"], *SMALL, "--draft-lens", "4",
+                          "--methods", "orthrus,orthrus-tree,orthrus-fused", "--tree-nodes", "6", "--tree-width", "3"])
+    printed = capsys.readouterr().out
+    assert "cycle's passes in AR steps" in printed
+    greedy, sampled = results["greedy"], results["sampling"]
+    assert set(greedy) == {"AR (KV cache)", "Orthrus K=4", "Orthrus tree K=4 n=6 w=3", "Orthrus fused K=4"}
+    assert "Orthrus tree K=4 n=6 w=3" not in sampled  # sampled decoding drafts chains
+    for row in greedy.values():
+        assert row["identical"] == row["prompts"] and row["cycle_in_steps"] > 0
+    assert greedy["Orthrus fused K=4"]["forward_passes"] < 2 * greedy["Orthrus fused K=4"]["cycles"]
+
+
 def test_ablations_suite(tiny, capsys):
     results = bench.main(["--suite", "ablations", "--ckpt", tiny["head"], "--draft-ckpt", tiny["base"], *SMALL,
                           "--ablation-k", "4", "--draft-lens", "4", "--heads", f"again={tiny['head']}",
