@@ -465,9 +465,12 @@ class BPETokenizer(Tokenizer):
                 return {}
             try:
                 with open(p, encoding="utf-8") as f:
-                    return json.load(f)
+                    data = json.load(f)
             except ValueError as e:
                 raise UserError(f"{p} is not valid JSON ({first_line(e, 100)})") from None
+            if not isinstance(data, dict):
+                raise UserError(f"{p} holds a JSON {type(data).__name__}, not an object; the file is damaged")
+            return data
 
         tc = read_json("tokenizer_config.json")
         template = tc.get("chat_template")

@@ -510,7 +510,72 @@ def test_refusals_hf_folders(tmp_path):
     extra = variant("extra")
     write_weights(extra, dict(sd, **{"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}))
     _one_line_user_error(load(extra), "unexpected tensor model.layers.0.self_attn.q_proj.bias")
-    assert pretrained.is_pretrained_path(tmp_path / "ok") and not pretrained.is_pretrained_path(tmp_path / "empty")
+    # any folder is read as a model (our checkpoints are files): an empty one is refused for its config.json
+    assert pretrained.is_pretrained_path(tmp_path / "ok") and pretrained.is_pretrained_path(tmp_path / "empty")
+
+
+def test_a_folder_without_config_json_is_refused_naming_it(tmp_path, capsys):
+    """Issue 18 cases 14 and 6: wherever a model is read (sample.py, train.py --base-ckpt, prepare.py
+    --tokenizer-from, the dry run), a folder without config.json, with config.json as a folder, or
+    with a config.json (or generation_config.json, tokenizer_config.json) that is not a JSON object
+    is one line naming that file, not "a checkpoint folder" or an AttributeError."""
+    import sample
+    import train
+    from helpers import expect_user_error, load_prepare, prepare_data
+
+    cfg, _ = write_hf_folder(tmp_path / "nocfg")
+    os.remove(tmp_path / "nocfg" / "config.json")
+    (tmp_path / "nocfg" / "notes.txt").write_text("a model folder missing its config.json")
+    (tmp_path / "cfgdir" / "config.json").mkdir(parents=True)
+    write_hf_folder(tmp_path / "listcfg")
+    (tmp_path / "listcfg" / "config.json").write_text(json.dumps([cfg]))
+    (tmp_path / "text").mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "text" / name).write_text("hello world " * 50)
+    data = prepare_data(tmp_path / "text", tmp_path / "data")
+    uses = [
+        (sample.main, ["--ckpt", "{m}", "--prompt", "x", "--max-new-tokens", 2, "--device", "cpu"]),
+        (train.main, ["--stage", "head", "--base-ckpt", "{m}", "--data-dir", data, "--out-dir",
+                      tmp_path / "h", "--device", "cpu"]),
+        (train.main, ["--stage", "head", "--base-ckpt", "{m}", "--dry-run"]),
+        (load_prepare().main, ["--input", tmp_path / "text", "--out-dir", tmp_path / "d", "--tokenizer-from", "{m}"]),
+    ]
+    expected = {"nocfg": f"{tmp_path / 'nocfg'} is a folder with no config.json: not a Hugging Face model folder",
+                "cfgdir": f"{tmp_path / 'cfgdir' / 'config.json'} is a folder, not a file",
+                "listcfg": f"{tmp_path / 'listcfg' / 'config.json'} holds a JSON array, not an object"}
+    for main, argv in uses:
+        for folder, message in expected.items():
+            line = expect_user_error(main, [str(a).replace("{m}", str(tmp_path / folder)) for a in argv], capsys)
+            assert message in line, line
+    # a folder of our own checkpoints: the .pt to pass instead
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ckpt.pt").write_bytes(b"")
+    line = expect_user_error(sample.main, ["--ckpt", tmp_path / "run", "--prompt", "x"], capsys)
+    assert f"pass the .pt file inside it ({tmp_path / 'run' / 'ckpt.pt'})" in line
+    for name, content in (("generation_config.json", "[2]"), ("tokenizer_config.json", '"chatml"')):
+        write_hf_folder(tmp_path / name)
+        (tmp_path / name / name).write_text(content)
+        _one_line_user_error(lambda: pretrained.load_pretrained(str(tmp_path / name)), f"{name} holds a JSON")
+
+
+def test_config_values_are_refused_by_their_own_names(tmp_path):
+    """Issue 18 case 17: a zero or inconsistent size in a model's config is named as the file names
+    it (num_attention_heads), not as train.py's flag (--n-head); no division by zero heads."""
+    for model_type in ("qwen3", "llama"):
+        for over, message in (({"num_attention_heads": 0}, "config.json: num_attention_heads must be an integer >= 1, got 0"),
+                              ({"num_key_value_heads": 3}, "num_key_value_heads (3) must divide num_attention_heads (4)"),
+                              ({"hidden_size": -1}, "config.json: hidden_size must be an integer >= 1"),
+                              ({"rms_norm_eps": 0}, "config.json: rms_norm_eps must be a finite number > 0")):
+            folder = tmp_path / f"{model_type}{len(os.listdir(tmp_path))}"
+            write_hf_folder(folder, cfg=hf_config(300, model_type=model_type, **over), sd={})
+            with pytest.raises(UserError) as e:
+                pretrained.load_pretrained(str(folder))
+            assert message in str(e.value) and "--" not in str(e.value), str(e.value)
+    with pytest.raises(UserError) as e:
+        pretrained.gguf.gguf_config({"general.architecture": "llama", "llama.embedding_length": 64,
+                                     "llama.attention.head_count": 0, "llama.block_count": 2,
+                                     "llama.feed_forward_length": 96}, {"token_embd.weight": [64, 300]}, "m.gguf")
+    assert "m.gguf: GGUF metadata: llama.attention.head_count must be an integer >= 1, got 0" in str(e.value)
 
 
 def test_refusals_official_and_expected_base(tmp_path):
