@@ -111,9 +111,12 @@ def _iter_safetensors(files, weight_map, where):
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    if weight_map is not None and weight_map.get(name) != os.path.basename(path):
+                    if weight_map is not None and name not in weight_map:
+                        raise UserError(f"{where}: tensor {name} in {os.path.basename(path)} is not listed in "
+                                        "model.safetensors.index.json; the index is damaged or from another download")
+                    if weight_map is not None and weight_map[name] != os.path.basename(path):
                         raise UserError(f"{where}: tensor {name} is in {os.path.basename(path)} but the index says "
-                                        f"{weight_map.get(name)}; the index is damaged")
+                                        f"{weight_map[name]}; the index is damaged")
                     seen.add(name)
                     yield name, f.get_slice(name)
         except UserError:

