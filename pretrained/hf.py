@@ -159,6 +159,10 @@ def load_hf_folder(folder, device, dtype, context_len, mask_id):
         if not isinstance(lens, list):
             raise UserError(f"{folder}: orthrus_trained_draft_lens must be a list, got {lens!r}")
         check_draft_lens(lens, f"{folder}: each of orthrus_trained_draft_lens")
+        for name, K in (("block_size", block_size), ("orthrus_trained_draft_lens", max(lens))):
+            if K > config.context_len:  # a block of K positions must fit the context it is drafted in
+                raise UserError(f"{folder}: config.json's {name} {K} exceeds the model's context of "
+                                f"{config.context_len} positions; a block size must be in 2..{config.context_len}")
     tok = BPETokenizer.from_hf_folder(folder, vocab_size=config.vocab_size, mask_id=mask_id)
 
     base, head = empty_models(config, device, dtype, head_mask_id=tok.mask_id if official else None,

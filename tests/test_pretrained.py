@@ -13,6 +13,7 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -590,6 +591,17 @@ def test_refusals_official_and_expected_base(tmp_path):
     write_hf_folder(tmp_path / "nodiff", cfg=cfg, sd={k: v for k, v in sd.items() if "_diff" not in k})
     _one_line_user_error(lambda: pretrained.load_pretrained(str(tmp_path / "nodiff")), "head weights lack 12 tensor.*_diff")
     _one_line_user_error(lambda: pretrained.load_pretrained(str(tmp_path / "official"), mask_id=3), "mask_token_id")
+    # issue 18 case 11: a block size outside 2..context (max_position_embeddings 128 here)
+    for block_size, message in ((100_000, "block_size 100000 exceeds the model's context of 128 positions"),
+                                (129, "block_size 129 exceeds"), (1, "block_size must be >= 2"),
+                                ("4", "block_size must be >= 2 (the pending token plus at least one draft), got '4'")):
+        write_hf_folder(tmp_path / "block", cfg=dict(cfg, block_size=block_size), sd=sd)
+        _one_line_user_error(lambda: pretrained.load_pretrained(str(tmp_path / "block")), re.escape(message))
+    write_hf_folder(tmp_path / "block", cfg=dict(cfg, block_size=128), sd=sd)  # the whole context: a valid block
+    assert pretrained.load_pretrained(str(tmp_path / "block"))[1].max_draft_len == 128
+    write_hf_folder(tmp_path / "block", cfg=dict(cfg, orthrus_trained_draft_lens=[4, 500]), sd=sd)
+    _one_line_user_error(lambda: pretrained.load_pretrained(str(tmp_path / "block")),
+                         "orthrus_trained_draft_lens 500 exceeds the model's context of 128")
 
 
 def test_refusals_gguf(tmp_path):
