@@ -72,6 +72,9 @@ def main(argv=None):
         raise UserError("--dtype float32 is for --format official; a shipped .pt is float16 or bfloat16")
     if os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a folder; pass a file name, e.g. {os.path.join(args.out, 'model.pt')}")
+    if args.ckpt.endswith(".gguf"):
+        raise UserError(f"--ckpt {args.ckpt} is a GGUF model, not a checkpoint written by train.py: export ships a "
+                        "trained checkpoint (a head trained on this model: its out/.../ckpt.pt)")
     ckpt = load_checkpoint(args.ckpt)
     if (args.head_storage or args.base_package) and ckpt["kind"] != "orthrus-head":
         raise UserError("--head-storage and --base-package are for a head trained on a pretrained base "
