@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import bench
+import benchmarks.gpu_check as gpu_check
 import benchmarks.suites
 from helpers import expect_user_error
 
@@ -114,3 +115,13 @@ def test_bench_one_new_token(tiny, capsys):
     results = bench.main(["--suite", "compare", "--ckpt", tiny["head"], *SMALL[:4], "--max-new-tokens", "1",
                           "--num-prompts", "1", "--repeats", "1", "--modes", "greedy", "--draft-lens", "4"])
     assert results["greedy"]["Orthrus K=4"]["accepted_mean"] is None
+
+
+def test_gpu_check_runs_on_a_cpu(capsys):
+    """benchmarks/gpu_check.py is prepared for a lent GPU; on a CPU with --small it runs the same
+    exactness checks and table in seconds, so it is known to work before a GPU is there."""
+    code = gpu_check.main(["--device", "cpu", "--small", "--dtype", "float32", "--max-new-tokens", "32",
+                           "--repeats", "1"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "all exactness checks passed" in printed and "FAIL" not in printed
+    assert "| fused K=16 | 15." in printed  # acceptance forced: every cycle commits K tokens
