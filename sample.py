@@ -24,9 +24,10 @@ from cli import ArgumentParser, add_runtime_flags, add_sampling_flags, parse_dty
 from decoding import check_prompt
 from diffusion_head import DRAFT_LEN, check_draft_lens
 from errors import UserError
-from orthrus import DiffusionDrafter, FusedDiffusionDrafter, generate, generate_speculative
+from orthrus import DiffusionDrafter, generate, generate_speculative
 from pretrained import chat_prompt
 from sampling import Sampling
+from tree_and_fused import FusedDiffusionDrafter, TreeDrafter
 
 DEFAULT_PROMPT = "def "  # shows the shipped stdlib model writing Python; a newline gave only spaces
 DEFAULT_CHAT_PROMPT = "Write a Python function that tells whether a number is prime."
@@ -220,7 +221,9 @@ def main(argv=None):
     def make_drafter():
         if args.fused:
             return FusedDiffusionDrafter(base, head, draft_len)
-        return DiffusionDrafter(base, head, draft_len, args.denoise_steps, args.tree_nodes, args.tree_width)
+        if args.tree_nodes:
+            return TreeDrafter(base, head, draft_len, args.tree_nodes, args.tree_width)
+        return DiffusionDrafter(base, head, draft_len, args.denoise_steps)
 
     def memory_line():
         drafter = DiffusionDrafter(base, head, draft_len)

@@ -34,8 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from checkpoint import load_checkpoint, load_model  # noqa: E402
 from diffusion_head import DiffusionHead  # noqa: E402
 from model import GPT, GPTConfig, tree_layout  # noqa: E402
-from orthrus import (DiffusionDrafter, FusedDiffusionDrafter, generate, generate_orthrus,  # noqa: E402
-                     generate_speculative)
+from orthrus import DiffusionDrafter, generate, generate_orthrus, generate_speculative  # noqa: E402
+from tree_and_fused import FusedDiffusionDrafter, TreeDrafter, verify_and_draft  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QWEN3_06B = dict(vocab_size=151936, context_len=4096, n_layer=28, n_embd=1024, n_head=16, n_kv_head=8, head_dim=128,
@@ -74,7 +74,7 @@ def exactness(device, small: bool) -> list:
     prompt = [5, 17, 3, 99, 42, 7]
     ar, _ = generate(base, prompt, 48)
     check("chain == AR", generate_orthrus(base, head, prompt, 48, draft_len=6)[0] == ar, failures)
-    check("tree == AR", generate_orthrus(base, head, prompt, 48, draft_len=6, tree_nodes=24, tree_width=4)[0] == ar,
+    check("tree == AR", generate_speculative(base, TreeDrafter(base, head, 6, 24, 4), prompt, 48)[0] == ar,
           failures)
     check("fused == AR", generate_speculative(base, FusedDiffusionDrafter(base, head, 6), prompt, 48)[0] == ar, failures)
 
@@ -96,7 +96,7 @@ def exactness(device, small: bool) -> list:
     cache = base64.new_cache(capacity=64)
     base64(torch.tensor([prompt], device=device), cache)
     block = torch.tensor([[9, 21, 22, 23]], device=device)
-    _, prepared = head64.verify_and_draft(base64, cache, block, [1], 4)
+    _, prepared = verify_and_draft(head64, base64, cache, block, [1], 4)
     separate = base64.new_cache(capacity=64)
     base64(torch.tensor([prompt + [9, 21]], device=device), separate)
     mask_block = torch.full((1, 4), head64.mask_id, device=device)
@@ -112,7 +112,7 @@ def exactness(device, small: bool) -> list:
         ar, _ = generate(sbase, p, n)
         check("shipped byte model: chain, tree, fused == AR",
               generate_orthrus(sbase, shead, p, n, draft_len=8)[0] == ar
-              and generate_orthrus(sbase, shead, p, n, draft_len=8, tree_nodes=31)[0] == ar
+              and generate_speculative(sbase, TreeDrafter(sbase, shead, 8, 31), p, n)[0] == ar
               and generate_speculative(sbase, FusedDiffusionDrafter(sbase, shead, 8), p, n)[0] == ar, failures)
     return failures
 
@@ -133,7 +133,7 @@ def speed(device, dtype, config: dict, K: int, tree_nodes: int, n_new: int, repe
         "AR": lambda: generate(base, prompt, n_new),
         f"chain K={K}": lambda: generate_speculative(base, DiffusionDrafter(base, head, K), prompt, n_new),
         f"tree K={K} n={tree_nodes}": lambda: generate_speculative(
-            base, DiffusionDrafter(base, head, K, 1, tree_nodes, 4), prompt, n_new),
+            base, TreeDrafter(base, head, K, tree_nodes, 4), prompt, n_new),
         f"fused K={K}": lambda: generate_speculative(base, FusedDiffusionDrafter(base, head, K), prompt, n_new),
     }
     for fn in runs.values():  # warm-up: allocator, kernels

@@ -23,10 +23,11 @@ from decoding import sync_device
 from diffusion_head import check_draft_lens
 from errors import UserError
 from model import GPT, GPTConfig, kv_bytes
-from orthrus import DiffusionDrafter, FusedDiffusionDrafter, generate, generate_speculative
+from orthrus import DiffusionDrafter, generate, generate_speculative
 from pretrained import chat_prompt, is_pretrained_path
 from sampling import GREEDY, Sampling
 from tokenizer import load_tokens
+from tree_and_fused import FusedDiffusionDrafter, TreeDrafter, verify_and_draft
 from training.data import read_data_meta
 
 SPREAD_WARNING = 0.25  # repeats whose slowest is >25% slower than their fastest are not trustworthy
@@ -187,7 +188,7 @@ def orthrus_method(base, head, K, denoise_steps=1, label=None) -> Method:
 
 
 def orthrus_tree_method(base, head, K, nodes, width) -> Method:
-    return Method(f"Orthrus tree K={K} n={nodes} w={width}", lambda: DiffusionDrafter(base, head, K, 1, nodes, width),
+    return Method(f"Orthrus tree K={K} n={nodes} w={width}", lambda: TreeDrafter(base, head, K, nodes, width),
                   lambda costs, stats: costs.orthrus_draft(head, K) + costs.verify(nodes + 1), K, greedy_only=True)
 
 
@@ -284,7 +285,7 @@ class PassCosts:
         def make():
             cache, block = self._prefilled(self.base, 2 * K), torch.ones(1, K, dtype=torch.long, device=self.device)
             length, starts = cache.length, sorted(set(foresee) | {K - 1})
-            return torch.no_grad()(lambda: (head.verify_and_draft(self.base, cache, block, starts, K), cache.crop(length)))
+            return torch.no_grad()(lambda: (verify_and_draft(head, self.base, cache, block, starts, K), cache.crop(length)))
         return self._memo(("fused", id(head), K), make)
 
     def draft_model_step(self, model):
