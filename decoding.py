@@ -3,11 +3,33 @@ The bookkeeping every decoder in orthrus.py shares, kept out of the algorithm's 
 input checks, the stopping rules (`Committer`), the statistics (`DecodeStats`), device sync.
 """
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
 
 from errors import UserError
+
+
+def prepack_bf16_linears(*modules) -> int:
+    """Decoding in bfloat16 on a CPU with native bf16 (oneDNN, AMX): lay every Linear's weight out
+    for oneDNN ONCE. A plain bf16 F.linear re-lays the weight on every call, which made the
+    one-token step slower than float32's; prepacked, it is faster, and a 16-row pass costs about a
+    one-row one. Inference only (the packed copy does not follow later weight updates). Returns
+    the number of layers prepacked (0 where oneDNN cannot)."""
+    linears = [m for module in modules for m in module.modules() if isinstance(m, nn.Linear)
+               and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"]
+    if not linears or not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return 0
+    for linear in linears:
+        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        linear.forward = functools.partial(_prepacked_linear, packed, linear.bias)
+    return len(linears)
+
+
+def _prepacked_linear(packed, bias, x):
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def check_prompt(config, prompt: list, max_new_tokens: int = 1):

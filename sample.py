@@ -21,7 +21,7 @@ import torch
 
 from checkpoint import open_model
 from cli import ArgumentParser, add_runtime_flags, add_sampling_flags, parse_dtype, pick_device, run_cli, set_threads
-from decoding import check_prompt
+from decoding import check_prompt, prepack_bf16_linears
 from diffusion_head import DRAFT_LEN, check_draft_lens
 from errors import UserError
 from orthrus import DiffusionDrafter, generate, generate_speculative
@@ -174,6 +174,7 @@ def main(argv=None):
     device = pick_device(args.device, verbose=False)
     set_threads(args.threads)
     base, head, tokenizer, info = open_model(args.ckpt, device, parse_dtype(args.dtype), base_path=args.base)
+    prepack_bf16_linears(base, *([head] if head is not None else []))  # bf16 on a CPU: oneDNN's layout, once
     stop_ids = list(info["stop_ids"])
     if args.chat:
         prompt, end_of_turn = chat_prompt(tokenizer, prompt_text)

@@ -19,7 +19,7 @@ from cli import int_list, parse_dtype
 from checkpoint import load_checkpoint, load_ckpt_tokenizer, load_model, open_model, same_tokenizer
 from consensus import acceptance_histogram
 from data.prompts import read_prompt_file
-from decoding import sync_device
+from decoding import prepack_bf16_linears, sync_device
 from diffusion_head import check_draft_lens
 from errors import UserError
 from model import GPT, GPTConfig, kv_bytes
@@ -353,6 +353,7 @@ class Bench:
             raise UserError(f"--suite {args.suite} needs --ckpt PATH of a base+head checkpoint (train.py --stage head)")
         prompt_texts = [r["prompt"] for r in read_prompt_file(args.prompts)] if args.prompts else None  # fails before loading
         self.base, self.head, self.tokenizer, self.info = open_model(args.ckpt, device, dtype)
+        prepack_bf16_linears(self.base, *([self.head] if self.head is not None else []))  # bf16 on a CPU
         self.ckpt = self.info.get("ckpt") or {}
         if self.head is None:
             raise UserError(f"{args.ckpt} has no diffusion head; train one with `python train.py --stage head`")
