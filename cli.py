@@ -7,6 +7,7 @@ defaults in --help, flags generated from config dataclasses, the shared flags de
 import argparse
 import contextlib
 import dataclasses
+import os
 import sys
 
 import torch
@@ -20,7 +21,10 @@ from errors import UserError
 
 def run_cli(main, argv=None):
     """Run a script's main(argv), turning user mistakes into `error: ...` and exit code 2, and
-    Ctrl-C into one line and exit code 130."""
+    Ctrl-C into one line and exit code 130. Output into a closed pipe (`| head -1`) is dropped
+    quietly while the job goes on (PipeSafe), so a run still writes its files."""
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = PipeSafe(sys.stdout), PipeSafe(sys.stderr)
     try:
         return main(argv)
     except UserError as e:
@@ -29,6 +33,44 @@ def run_cli(main, argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        for stream in (sys.stdout, sys.stderr):  # what is still buffered, while a closed pipe is still caught
+            if isinstance(stream, PipeSafe):
+                stream.flush()
+        sys.stdout, sys.stderr = streams
+
+
+class PipeSafe:
+    """sys.stdout or sys.stderr, surviving a reader that goes away (`python sample.py ... | head -1`).
+    At the first BrokenPipeError the stream's file descriptor is pointed at os.devnull: what is
+    still buffered and everything printed later is dropped, the job carries on and writes its
+    files (a checkpoint, bench's --json), and Python's own flush at exit finds nothing to complain
+    about. Everything else is the wrapped stream's."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())
+        os.close(devnull)
+        self.stream.flush()  # the bytes the failed write left in the buffer go to devnull now
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
