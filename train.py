@@ -38,8 +38,8 @@ import torch.nn.functional as F
 
 from benchmarks import estimate
 from checkpoint import build_base, clean_state_dict, load_checkpoint, same_tokenizer, save_checkpoint, state_sha256, tokenizer_model_tensor
-from cli import (ArgumentParser, add_dataclass_flags, autocast, dataclass_from, fmt_time, int_list, pick_autocast_dtype,
-                 pick_device, run_cli)
+from cli import (ArgumentParser, add_dataclass_flags, autocast, dataclass_from, fmt_time, hold_folder, int_list,
+                 pick_autocast_dtype, pick_device, run_cli)
 from decoding import sync_device
 from diffusion_head import DiffusionHead, check_draft_lens
 from errors import UserError
@@ -711,6 +711,13 @@ def main(argv=None):
         return dry_run(args, cfg)
     pick_device(cfg.device, verbose=False)
     check_out_dir(cfg)
+    # one run per --out-dir at a time (rank 0 holds it for a torchrun job)
+    with hold_folder(out_dir(cfg)) if RANKS.rank == 0 else contextlib.nullcontext():
+        return start(args, cfg, model_cfg)
+
+
+def start(args, cfg: TrainConfig, model_cfg: GPTConfig):
+    """A fresh run, or the resumed one, once its --out-dir is held."""
     if not args.resume and os.path.exists(ckpt_path(cfg)):  # training never loses work
         raise UserError(f"{ckpt_path(cfg)} already exists: continue it with --resume (a larger --max-steps trains it "
                         "further), or pass another --out-dir")
