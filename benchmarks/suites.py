@@ -371,6 +371,12 @@ class Bench:
                 raise UserError(f"--prompt-len {args.prompt_len} + --max-new-tokens {args.max_new_tokens} exceeds the "
                                 f"model's context of {self.base.config.context_len} tokens; shorten one of them")
             self.prompts = val_prompts(self.data_dir, self.meta, args.num_prompts, args.prompt_len)
+        longest = max(map(len, self.prompts))
+        room = self.base.config.context_len - longest
+        for flag, K in [("--draft-lens", K) for K in draft_lens(args.draft_lens)] + [("--draft-len", args.draft_len)]:
+            if K > room:  # as sample.py's --draft-len: a draft block must fit after the prompt
+                raise UserError(f"{flag} {K} exceeds the {room} positions left in the context after a {longest}-token "
+                                "prompt; use a shorter draft or prompt")
         self.device = device
 
 

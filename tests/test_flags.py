@@ -1,0 +1,28 @@
+"""Flags that were taken without a word, or answered with a traceback (issue 18): bench's draft
+lengths beyond the context, train.py flags that do not apply to the stage, resuming from another
+folder, a prompt read from a pipe, bench --suite ar's own flags."""
+
+import os
+
+import bench
+from helpers import ROOT, expect_user_error
+
+SHIPPED = os.path.join(ROOT, "checkpoints", "orthrus_stdlib_byte.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# case 7: bench --draft-lens longer than the context leaves
+
+
+def test_bench_draft_lens_beyond_the_context(tiny, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("def main():\n\nimport os\n")
+    for K in (512, 513, 1000):  # the shipped model's context is 512 tokens
+        line = expect_user_error(bench.main, ["--ckpt", SHIPPED, "--prompts", prompts, "--draft-lens", K,
+                                              "--num-prompts", 1, "--max-new-tokens", 8, "--device", "cpu"], capsys)
+        assert line == (f"error: --draft-lens {K} exceeds the 501 positions left in the context after a 11-token "
+                        "prompt; use a shorter draft or prompt")
+    line = expect_user_error(bench.main, ["--suite", "ablations", "--ckpt", tiny["head"], "--prompt-len", 12,
+                                          "--max-new-tokens", 8, "--draft-lens", 4, "--draft-len", 60,
+                                          "--device", "cpu"], capsys)
+    assert "--draft-len 60 exceeds the 52 positions left in the context after a 12-token prompt" in line
