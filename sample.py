@@ -39,7 +39,8 @@ def build_parser():
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat format (ChatML) and stop "
                    "at its end of turn")
     p.add_argument("--prompt", default=None, help=f"prompt text (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--prompt-file", default=None, help="read the prompt from this file instead")
+    p.add_argument("--prompt-file", default=None, help="read the prompt from this file instead (- or /dev/stdin: "
+                   "from a pipe)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate (stops early at the context limit or end-of-text)")
     add_sampling_flags(p)
     add_runtime_flags(p, threads=1, dtypes=("float32", "float64", "bfloat16"))
@@ -107,11 +108,15 @@ def read_prompt(args):
     if args.prompt_file is not None:
         if os.path.isdir(args.prompt_file):
             raise UserError(f"prompt file {args.prompt_file!r} is a directory; pass a text file")
-        if not os.path.isfile(args.prompt_file):
+        if args.prompt_file != "-" and not os.path.exists(args.prompt_file):  # a pipe (/dev/stdin) is no regular file
             raise UserError(f"prompt file {args.prompt_file!r} not found")
+        if args.prompt_file == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(args.prompt_file, "rb") as f:
+                data = f.read()
         try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                return f.read()
+            return data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise UserError(f"prompt file {args.prompt_file!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if args.prompt is None:

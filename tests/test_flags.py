@@ -3,6 +3,8 @@ lengths beyond the context, train.py flags that do not apply to the stage, resum
 folder, a prompt read from a pipe, bench --suite ar's own flags."""
 
 import os
+import subprocess
+import sys
 
 import bench
 from helpers import ROOT, expect_user_error
@@ -26,3 +28,16 @@ def test_bench_draft_lens_beyond_the_context(tiny, tmp_path, capsys):
                                           "--max-new-tokens", 8, "--draft-lens", 4, "--draft-len", 60,
                                           "--device", "cpu"], capsys)
     assert "--draft-len 60 exceeds the 52 positions left in the context after a 12-token prompt" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# case 15: --prompt-file - (or /dev/stdin) reads the pipe
+
+
+def test_prompt_file_from_a_pipe(tiny):
+    for name in ("-", "/dev/stdin"):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", tiny["base"], "--prompt-file",
+                            name, "--max-new-tokens", "4", "--device", "cpu"], input="def get_alpha(", text=True,
+                           capture_output=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0 and r.stdout.startswith("def get_alpha("), r.stderr
+        assert "ar: 4 tokens" in r.stderr
