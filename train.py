@@ -11,8 +11,9 @@ Quick start (CPU, ~10 + ~10 minutes on 2 cores; data first: `python data/prepare
 One GPU:
     python train.py --preset gpu
     python train.py --stage head --preset gpu --base-ckpt out/base/ckpt.pt
-Resume an interrupted run exactly where its last checkpoint left it (its saved configuration;
-only --device and --max-steps may change, a larger --max-steps trains a finished run further):
+Resume an interrupted run exactly where its last checkpoint left it, from any folder (its saved
+configuration; only --device and --max-steps may change, a larger --max-steps trains a finished
+run further, and --data-dir says where the same data is now if it moved):
     python train.py --resume --out-dir out/base
     python train.py --resume --out-dir out/base --max-steps 1600
 A run whose loss turns NaN/inf stops at once (exit code 2) without saving the bad state.
@@ -525,7 +526,8 @@ def build_parser():
                    help="named flag bundle per stage (see PRESETS): base cpu, gpu, draft (the speculative-decoding draft model), tiny; head cpu, gpu, tiny")
     p.add_argument("--resume", action="store_true",
                    help="continue the run whose checkpoint is in --out-dir with its saved configuration; only "
-                        "--device and --max-steps may change (other flags are reported as ignored). A larger "
+                        "--device and --max-steps may change, and --data-dir may say where the same data is now "
+                        "(other flags are reported as ignored). A larger "
                         "--max-steps extends a run, finished or not: the cosine schedule then runs to the new "
                         "--max-steps, so the learning rate rises again from where the old schedule had brought it")
     est = p.add_argument_group("estimate (head stage): print the memory and time a run needs, load nothing, train nothing")
@@ -589,7 +591,7 @@ def dry_run(args, cfg: TrainConfig) -> dict:
 
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]
-RESUME_FLAGS = ("device", "out_dir", "max_steps")  # what --resume takes from the command line
+RESUME_FLAGS = ("device", "out_dir", "max_steps", "data_dir")  # what --resume takes from the command line
 RESUME_FIELDS = ("train_config", "optimizer", "data_rng", "step")  # what it needs in the checkpoint
 
 
@@ -686,8 +688,17 @@ def resume_config(args, cfg: TrainConfig, resume_ckpt: dict) -> TrainConfig:
     given = {k: v for k, v in given.items() if saved_values.get(k, object()) != v}  # the same value is no news
     if given:
         shown = ", ".join(f"{flag(k)} {v}" for k, v in given.items())
-        print(f"ignored on --resume (the run keeps its saved configuration; only --device and --max-steps "
-              f"apply): {shown}")
+        print(f"ignored on --resume (the run keeps its saved configuration; only --device, --max-steps and "
+              f"--data-dir apply): {shown}")
+    data_dir = saved.data_dir  # absolute since it is stored so; a relative one (older runs) is read from here
+    if args.data_dir is not None and os.path.abspath(args.data_dir) != os.path.abspath(saved.data_dir):
+        data_dir = os.path.abspath(args.data_dir)
+        print(f"--data-dir {data_dir}: the run's data is read from here now (it was {saved.data_dir}); the "
+              "resume is exact only if this folder holds the same data")
+    elif not os.path.isdir(data_dir):
+        where = "" if os.path.isabs(data_dir) else f" from {os.getcwd()}"
+        raise UserError(f"the run's data folder {data_dir} is not found{where}: pass --data-dir with its place now "
+                        "(the same data)")
     max_steps = saved.max_steps
     if args.max_steps is not None and args.max_steps != saved.max_steps:
         if args.max_steps < step:
@@ -697,7 +708,8 @@ def resume_config(args, cfg: TrainConfig, resume_ckpt: dict) -> TrainConfig:
         print(f"--max-steps {max_steps} (was {saved.max_steps}): the cosine learning-rate schedule now runs to "
               f"step {max_steps}, so from step {step} on the learning rate follows the new curve")
     # the run continues exactly as configured; only where to run it, and for how long, may change
-    cfg = dataclasses.replace(saved, device=cfg.device, out_dir=cfg.out_dir or saved.out_dir, max_steps=max_steps)
+    cfg = dataclasses.replace(saved, device=cfg.device, out_dir=cfg.out_dir or saved.out_dir, max_steps=max_steps,
+                              data_dir=data_dir)
     check_train_config(cfg)
     return cfg
 
@@ -725,6 +737,9 @@ def start(args, cfg: TrainConfig, model_cfg: GPTConfig):
         raise UserError("--stage head needs --base-ckpt PATH (a checkpoint from `python train.py --stage base`)")
     if not args.resume:
         read_data_meta(cfg.data_dir)  # a missing or foreign data folder: one line, before any checkpoint is read
+        # stored absolute, so that --resume from another folder finds them
+        cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir), base_ckpt=os.path.abspath(
+            cfg.base_ckpt) if os.path.exists(cfg.base_ckpt) else cfg.base_ckpt)
     resume_ckpt = None
     if args.resume:
         resume_ckpt = load_checkpoint(ckpt_path(cfg))

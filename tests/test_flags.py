@@ -3,11 +3,14 @@ lengths beyond the context, train.py flags that do not apply to the stage, resum
 folder, a prompt read from a pipe, bench --suite ar's own flags."""
 
 import os
+import shutil
 import subprocess
 import sys
 
+import torch
+
 import bench
-from helpers import ROOT, expect_user_error
+from helpers import CPU, ROOT, expect_user_error, train
 
 SHIPPED = os.path.join(ROOT, "checkpoints", "orthrus_stdlib_byte.pt")
 
@@ -41,3 +44,34 @@ def test_prompt_file_from_a_pipe(tiny):
                            capture_output=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert r.returncode == 0 and r.stdout.startswith("def get_alpha("), r.stderr
         assert "ar: 4 tokens" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# case 13: resume from another working folder; the data folder moved
+
+
+def test_resume_from_another_folder_and_with_moved_data(tiny, tmp_path, monkeypatch, capsys):
+    import train as train_script
+
+    parent, name = os.path.split(tiny["data"])
+    monkeypatch.chdir(parent)
+    out = tmp_path / "run"
+    train(["--preset", "tiny", "--max-steps", 2, "--data-dir", name, "--out-dir", out, *CPU])  # relative
+    assert torch.load(out / "ckpt.pt", weights_only=True)["train_config"]["data_dir"] == tiny["data"]
+
+    monkeypatch.chdir(tmp_path)  # elsewhere: the stored absolute path still finds the data
+    _, log = train(["--resume", "--out-dir", out, "--max-steps", 4, "--device", "cpu"])
+    assert "starting at step 2" in log and torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4
+
+    moved = shutil.copytree(tiny["data"], tmp_path / "moved")  # the data moved: --data-dir is honoured
+    _, log = train(["--resume", "--out-dir", out, "--max-steps", 6, "--device", "cpu", "--data-dir", "moved"])
+    assert f"--data-dir {moved}: the run's data is read from here now (it was {tiny['data']})" in log
+    assert "ignored" not in log
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["train_config"]["data_dir"] == str(moved)
+
+    shutil.rmtree(moved)  # gone, and not said where it is now: one line naming the flag
+    line = expect_user_error(train_script.main, ["--resume", "--out-dir", out, "--max-steps", 8, "--device", "cpu"],
+                             capsys)
+    assert line == (f"error: the run's data folder {moved} is not found: pass --data-dir with its place now "
+                    "(the same data)")
