@@ -591,6 +591,9 @@ def dry_run(args, cfg: TrainConfig) -> dict:
 
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]
+HEAD_ONLY = ("base_ckpt", "draft_lens", "anchors", "anchors_per_seq", "loss", "loss_position_decay", "mask_first",
+             "loss_chunk_logits", "grad_checkpoint")  # TrainConfig fields only the head stage reads
+BASE_ONLY = ("compile",)
 RESUME_FLAGS = ("device", "out_dir", "max_steps", "data_dir")  # what --resume takes from the command line
 RESUME_FIELDS = ("train_config", "optimizer", "data_rng", "step")  # what it needs in the checkpoint
 
@@ -654,6 +657,15 @@ def configs_from_args(args):
     cfg = dataclass_from(TrainConfig, preset, flags)
     model_cfg = dataclass_from(GPTConfig, preset, flags)  # GPTConfig checks its own values
     check_train_config(cfg)
+    if not args.resume:  # a flag the stage does not use would be dropped without a word
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        unused = [flag(n) for n in (BASE_ONLY if stage == "head" else HEAD_ONLY) if flags.get(n, defaults[n]) != defaults[n]]
+        if unused and stage == "base":
+            raise UserError(f"{', '.join(unused)}: head-stage flag{'s' if len(unused) > 1 else ''}, unused by --stage "
+                            "base (which trains a new GPT); to train a diffusion head on a base, add --stage head")
+        if unused:
+            raise UserError(f"{', '.join(unused)}: base-stage flag{'s' if len(unused) > 1 else ''}, unused by --stage "
+                            "head (it trains without torch.compile); drop it")
     return cfg, model_cfg
 
 

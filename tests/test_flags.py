@@ -75,3 +75,23 @@ def test_resume_from_another_folder_and_with_moved_data(tiny, tmp_path, monkeypa
                              capsys)
     assert line == (f"error: the run's data folder {moved} is not found: pass --data-dir with its place now "
                     "(the same data)")
+
+
+# ---------------------------------------------------------------------------------------------
+# case 10: train.py flags the stage does not use are refused, not dropped
+
+
+def test_flags_of_the_other_stage_are_refused(tiny, tmp_path, capsys):
+    import train as train_script
+
+    base = ["--preset", "tiny", "--data-dir", tiny["data"], "--out-dir", tmp_path / "out", *CPU]
+    line = expect_user_error(train_script.main, [*base, "--base-ckpt", tiny["base"]], capsys)
+    assert line == ("error: --base-ckpt: head-stage flag, unused by --stage base (which trains a new GPT); to train a "
+                    "diffusion head on a base, add --stage head")
+    line = expect_user_error(train_script.main, [*base, "--draft-lens", "4", "--grad-checkpoint", "true"], capsys)
+    assert line.startswith("error: --draft-lens, --grad-checkpoint: head-stage flags, unused by --stage base")
+    line = expect_user_error(train_script.main, ["--stage", "head", *base, "--base-ckpt", tiny["base"],
+                                                 "--compile", "true"], capsys)
+    assert line == ("error: --compile: base-stage flag, unused by --stage head (it trains without torch.compile); "
+                    "drop it")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
