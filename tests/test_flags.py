@@ -2,6 +2,7 @@
 lengths beyond the context, train.py flags that do not apply to the stage, resuming from another
 folder, a prompt read from a pipe, bench --suite ar's own flags."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import torch
 
 import bench
-from helpers import CPU, ROOT, expect_user_error, train
+from helpers import CPU, ROOT, expect_user_error, single_thread, train
 
 SHIPPED = os.path.join(ROOT, "checkpoints", "orthrus_stdlib_byte.pt")
 
@@ -95,3 +96,54 @@ def test_flags_of_the_other_stage_are_refused(tiny, tmp_path, capsys):
     assert line == ("error: --compile: base-stage flag, unused by --stage head (it trains without torch.compile); "
                     "drop it")
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+# ---------------------------------------------------------------------------------------------
+# case 16: bench --suite ar's flags, its thread count, skipped methods, a chat-trained head
+
+
+def test_bench_suite_ar_flags(tiny, capsys):
+    line = expect_user_error(bench.main, ["--suite", "ar", "--ckpt", tiny["base"], "--num-prompts", 3], capsys)
+    assert line.startswith("error: --num-prompts is for --suite compare and ablations")
+    with single_thread():  # --threads 2 changes torch's global setting; restored afterwards
+        results = bench.main(["--suite", "ar", "--ckpt", tiny["base"], "--max-new-tokens", "5", "--repeats", "1",
+                              "--threads", "2", "--device", "auto"])
+        assert torch.get_num_threads() == 2
+    printed = capsys.readouterr().out
+    assert "suite ar: 5 new tokens with and without the KV cache, 1 repeat(s), then forward+backward steps of " \
+           "4 x 64 tokens" in printed
+    assert "### AR decoding to 13 tokens" in printed and "| cache | 5 |" in printed and "cpu, 2 threads" in printed
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        assert "device: cpu (no accelerator; 2 CPU threads)" in printed  # the count it runs on, not the one before
+    assert results["train_tokens_per_s"] > 0
+
+
+def test_bench_draft_model_without_draft_ckpt(tiny, capsys):
+    small = ["--suite", "compare", "--ckpt", tiny["head"], "--device", "cpu", "--prompt-len", 12, "--max-new-tokens",
+             8, "--num-prompts", 1, "--repeats", 1, "--modes", "greedy", "--draft-lens", 4]
+    results = bench.main([str(a) for a in small])
+    assert "note: two-model speculative decoding (draft-model) skipped: it needs --draft-ckpt" in capsys.readouterr().out
+    assert not any(r["kind"] == "draft-model" for r in results["greedy"].values())
+    line = expect_user_error(bench.main, [*small, "--methods", "ar,draft-model"], capsys)
+    assert line.startswith("error: --methods draft-model needs --draft-ckpt PATH")
+
+
+def test_bench_head_trained_on_self_distilled_data(tiny, tmp_path, capsys):
+    """Without --prompts: a head trained on answers to prompts is pointed at the held-out prompts;
+    one trained on corpus continuations takes its prompts from that corpus."""
+    meta = json.loads(open(os.path.join(tiny["data"], "meta.json")).read())
+    prompts = tmp_path / "chat_prompts"
+    prompts.mkdir()
+    for name, extra in (("answers", {"mode": "prompts", "prompts": str(prompts), "chat": True}),
+                        ("continuations", {"source_data_dir": tiny["data"]})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "meta.json").write_text(json.dumps({**meta, "kind": "self-distilled", **extra}))
+        ckpt = torch.load(tiny["head"], weights_only=True)
+        torch.save({**ckpt, "data_kind": "self-distilled", "data_dir": str(tmp_path / name)}, tmp_path / f"{name}.pt")
+    small = ["--device", "cpu", "--prompt-len", 12, "--max-new-tokens", 8, "--num-prompts", 1, "--repeats", 1,
+             "--modes", "greedy", "--draft-lens", 4, "--methods", "ar,orthrus"]
+    line = expect_user_error(bench.main, ["--ckpt", tmp_path / "answers.pt", *small], capsys)
+    assert line.endswith(f"not on a corpus: benchmark it on held-out prompts, --prompts {prompts}/heldout.jsonl --chat")
+    assert "data/prepare.py" not in line
+    results = bench.main(["--ckpt", str(tmp_path / "continuations.pt"), *map(str, small)])
+    assert results["greedy"]["Orthrus K=4"]["identical"] == 1
