@@ -14,6 +14,7 @@ thread, and two OpenMP threads slow down ~10x whenever another process keeps a c
 """
 
 import dataclasses
+import json
 import os
 import sys
 
@@ -38,7 +39,8 @@ def build_parser():
                    "pretrained base), a Hugging Face model folder, a .gguf file or an official Orthrus folder")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat format (ChatML) and stop "
                    "at its end of turn")
-    p.add_argument("--prompt", default=None, help=f"prompt text (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--prompt", default=None, help=f"prompt text (default: {DEFAULT_PROMPT!r}; with --chat: "
+                   f"{DEFAULT_CHAT_PROMPT!r})")
     p.add_argument("--prompt-file", default=None, help="read the prompt from this file instead (- or /dev/stdin: "
                    "from a pipe)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate (stops early at the context limit or end-of-text)")
@@ -139,6 +141,22 @@ def check_flags(args) -> Sampling:
     return Sampling(args.temperature, args.top_k, args.top_p)
 
 
+def holds_no_head(path) -> bool:
+    """A model known to have no diffusion head without loading it: a .gguf file, or a Hugging Face
+    folder whose config.json lacks the official Orthrus format's block_size and mask_token_id."""
+    if str(path).endswith(".gguf") and os.path.isfile(path):
+        return True
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        return False
+    try:
+        with open(config, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except ValueError:
+        return False  # open_model says what is wrong with it
+    return isinstance(cfg, dict) and "block_size" not in cfg and "mask_token_id" not in cfg
+
+
 def describe(stats):
     line = (f"{stats.method}: {stats.new_tokens} tokens in {stats.prefill_seconds + stats.decode_seconds:.2f}s "
             f"= {stats.tokens_per_second:.1f} tok/s (prefill {1000 * stats.prefill_seconds:.1f} ms)")
@@ -158,6 +176,9 @@ def main(argv=None):
     prompt_text = read_prompt(args)
     if args.chat and not prompt_text.strip():
         raise UserError("the prompt is empty: with --chat give the user's message as --prompt TEXT or --prompt-file")
+    if args.mode == "compare" and holds_no_head(args.ckpt):  # said now, not after seconds of loading
+        raise UserError(f"--mode compare needs a checkpoint with a diffusion head; {args.ckpt} is a plain model "
+                        "(train a head on it with `python train.py --stage head --base-ckpt PATH`)")
     device = pick_device(args.device, verbose=False)
     set_threads(args.threads)
     base, head, tokenizer, info = open_model(args.ckpt, device, parse_dtype(args.dtype))

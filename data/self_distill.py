@@ -238,6 +238,23 @@ RESUME_KEYS = ("kind", "mode", "base_sha256", "tokenizer_sha256", "vocab_size", 
                "chat", "stop_ids", "temperature", "top_k", "top_p", "seed", "max_new_tokens", "batch_size")
 
 
+def check_same_job(out_dir, meta_path, meta: dict):
+    """A rerun into a folder that holds a meta.json must be the same job: every RESUME_KEYS entry
+    of `meta` equals the saved one (one line naming the first that differs)."""
+    if not os.path.exists(meta_path):
+        return
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except ValueError:
+        raise UserError(f"{meta_path} is not readable JSON; pick a new --out-dir") from None
+    diff = [k for k in RESUME_KEYS if k in meta and saved.get(k) != meta[k]]
+    if diff:
+        k = diff[0]
+        raise UserError(f"{out_dir} was made with other settings ({k} {str(saved.get(k))[:40]!r} there, "
+                        f"{str(meta.get(k))[:40]!r} now); rerun with the same flags or pick a new --out-dir")
+
+
 def pack(conversations, row_len: int, fill_id: int):
     """Conversations [(ids, response mask)] -> (tokens LongTensor (N, row_len), response BoolTensor
     (N, row_len), fill): concatenated in order and cut into rows; the last row is filled up with
@@ -288,6 +305,12 @@ def run_prompts(args):
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UserError(f"--out-dir {args.out_dir!r} is a file; pass a folder")
     train, heldout, prompts_sha = load_prompts(args.prompts, args.max_prompts)
+    meta_path = os.path.join(args.out_dir, "meta.json")
+    # the settings that need no model, compared before it loads (the rest once it has)
+    check_same_job(args.out_dir, meta_path, {"kind": "self-distilled", "mode": "prompts", "prompts_sha256": prompts_sha,
+                                             "max_prompts": args.max_prompts, "temperature": args.temperature,
+                                             "top_k": args.top_k, "top_p": top_p, "seed": args.seed,
+                                             "max_new_tokens": max_new, "batch_size": batch_size})
     device = pick_device(args.device)
     t_load = time.time()
     base, tok, about = load_base_for_prompts(path, device)
@@ -330,18 +353,8 @@ def run_prompts(args):
             "seed": args.seed, "max_new_tokens": max_new, "batch_size": batch_size,
             "n_prompts": {"train": len(train), "heldout": len(heldout), "skipped_too_long": skipped},
             "n_shards": len(shards)}
-    meta_path = os.path.join(args.out_dir, "meta.json")
     if os.path.exists(meta_path):  # resuming: it must be the same job
-        try:
-            with open(meta_path, encoding="utf-8") as f:
-                saved = json.load(f)
-        except ValueError:
-            raise UserError(f"{meta_path} is not readable JSON; pick a new --out-dir") from None
-        diff = [k for k in RESUME_KEYS if saved.get(k) != meta.get(k)]
-        if diff:
-            k = diff[0]
-            raise UserError(f"{args.out_dir} was made with other settings ({k} {str(saved.get(k))[:40]!r} there, "
-                            f"{str(meta.get(k))[:40]!r} now); rerun with the same flags or pick a new --out-dir")
+        check_same_job(args.out_dir, meta_path, meta)
     elif os.path.isdir(args.out_dir) and any(f.startswith(("gen_", "rows_", "val_rows_")) for f in os.listdir(args.out_dir)):
         raise UserError(f"{args.out_dir} holds shards but no meta.json; pick a new --out-dir")
     if not os.path.exists(meta_path):

@@ -2,6 +2,8 @@
 lengths beyond the context, train.py flags that do not apply to the stage, resuming from another
 folder, a prompt read from a pipe, bench --suite ar's own flags."""
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -11,7 +13,7 @@ import sys
 import torch
 
 import bench
-from helpers import CPU, ROOT, expect_user_error, single_thread, train
+from helpers import CPU, ROOT, expect_user_error, load_script, single_thread, train
 
 SHIPPED = os.path.join(ROOT, "checkpoints", "orthrus_stdlib_byte.pt")
 
@@ -147,3 +149,41 @@ def test_bench_head_trained_on_self_distilled_data(tiny, tmp_path, capsys):
     assert "data/prepare.py" not in line
     results = bench.main(["--ckpt", str(tmp_path / "continuations.pt"), *map(str, small)])
     assert results["greedy"]["Orthrus K=4"]["identical"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# case 18: refusals that came only after the model had loaded; --help's default prompts
+
+
+def test_refused_before_the_model_loads(tiny, tmp_path, capsys, monkeypatch):
+    import sample
+
+    def never(*args, **kwargs):
+        raise AssertionError("loaded the model before refusing")
+
+    (tmp_path / "plain.gguf").write_bytes(b"GGUF")  # never read: the name says it has no head
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    monkeypatch.setattr(sample, "open_model", never)
+    for path in (tmp_path / "plain.gguf", tmp_path / "hf"):
+        line = expect_user_error(sample.main, ["--ckpt", path, "--mode", "compare", "--chat"], capsys)
+        assert line.startswith(f"error: --mode compare needs a checkpoint with a diffusion head; {path} is a plain")
+
+    sd = load_script("self_distill")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"Say number {i}.\n" for i in range(8)))
+    argv = ["--prompts", prompts, "--base", tiny["base"], "--out-dir", tmp_path / "self", "--max-new-tokens", 4,
+            "--row-len", 16, "--device", "cpu", "--chat", "false"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert sd.main([str(a) for a in argv]) == 0
+    monkeypatch.setattr(sd, "open_model", never)
+    line = expect_user_error(sd.main, [*argv, "--seed", 6], capsys)
+    assert "was made with other settings (seed '1337' there, '6' now)" in line
+
+
+def test_help_shows_both_default_prompts(capsys):
+    import sample
+
+    text = sample.build_parser().format_help()
+    assert repr(sample.DEFAULT_PROMPT) in text and "with --chat" in " ".join(text.split())
+    assert sample.DEFAULT_CHAT_PROMPT.split()[0] in text
