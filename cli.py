@@ -293,6 +293,8 @@ LOCK_FILE = "run.lock"
 def check_writable(folder: str, flag: str):
     """A folder a script will write into (created when missing), checked before any model is
     loaded: not a file, and it (or the folder it will be created in) writable."""
+    if not folder:
+        raise UserError(f"{flag} is empty; pass a folder")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"{flag} {folder} is a file; pass a folder")
     existing = os.path.abspath(folder)
@@ -323,6 +325,8 @@ def hold_folder(folder: str, flag: str = "--out-dir"):
     lock file of a killed run is simply taken over. Taking the lock is also the first write into
     the folder: a read-only one is refused here, before anything is loaded. The lock file is
     removed at the end (and the folder, if this run created it and left it empty)."""
+    if not folder:
+        raise UserError(f"{flag} is empty; pass a folder")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"{flag} {folder} is a file; pass a folder")
     created = not os.path.isdir(folder)

@@ -255,3 +255,11 @@ def test_a_run_holds_its_folder_while_it_runs(tiny, tmp_path, capsys):
     line = expect_user_error(sd.main, ["--base-ckpt", tiny["base"], "--data-dir", tmp_path / "missing",
                                        "--out-dir", folder, "--device", "cpu"], capsys)
     assert "missing" in line and not folder.exists()  # a refused run leaves no empty folder behind
+
+
+def test_an_empty_or_file_output_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    for out, message in (("", "--out-dir is empty; pass a folder"),
+                         (tmp_path / "a_file", f"--out-dir {tmp_path / 'a_file'} is a file; pass a folder")):
+        assert expect_user_error(sd.main, ["--base-ckpt", "x.pt", "--out-dir", out], capsys) == f"error: {message}"
+        assert expect_user_error(cp.main, ["--out-dir", out], capsys) == f"error: {message}"
