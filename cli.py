@@ -281,7 +281,6 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Output folders: writable, and written by one run at a time
 

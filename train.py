@@ -682,8 +682,9 @@ def check_out_dir(cfg: TrainConfig):
 
 
 def resume_config(args, cfg: TrainConfig, resume_ckpt: dict) -> TrainConfig:
-    """The saved configuration, with --device, --out-dir and --max-steps from the command line;
-    every other explicitly given flag is reported as ignored (never dropped silently)."""
+    """The saved configuration, with --device, --out-dir, --max-steps and --data-dir (the same
+    data's new place) from the command line; every other explicitly given flag is reported as
+    ignored (never dropped silently)."""
     path = ckpt_path(cfg)
     missing = [k for k in RESUME_FIELDS if k not in resume_ckpt]
     head_kinds = ("orthrus", "orthrus-head")  # a head on one of our bases, or on a pretrained one
@@ -702,15 +703,6 @@ def resume_config(args, cfg: TrainConfig, resume_ckpt: dict) -> TrainConfig:
         shown = ", ".join(f"{flag(k)} {v}" for k, v in given.items())
         print(f"ignored on --resume (the run keeps its saved configuration; only --device, --max-steps and "
               f"--data-dir apply): {shown}")
-    data_dir = saved.data_dir  # absolute since it is stored so; a relative one (older runs) is read from here
-    if args.data_dir is not None and os.path.abspath(args.data_dir) != os.path.abspath(saved.data_dir):
-        data_dir = os.path.abspath(args.data_dir)
-        print(f"--data-dir {data_dir}: the run's data is read from here now (it was {saved.data_dir}); the "
-              "resume is exact only if this folder holds the same data")
-    elif not os.path.isdir(data_dir):
-        where = "" if os.path.isabs(data_dir) else f" from {os.getcwd()}"
-        raise UserError(f"the run's data folder {data_dir} is not found{where}: pass --data-dir with its place now "
-                        "(the same data)")
     max_steps = saved.max_steps
     if args.max_steps is not None and args.max_steps != saved.max_steps:
         if args.max_steps < step:
@@ -719,6 +711,15 @@ def resume_config(args, cfg: TrainConfig, resume_ckpt: dict) -> TrainConfig:
         max_steps = args.max_steps
         print(f"--max-steps {max_steps} (was {saved.max_steps}): the cosine learning-rate schedule now runs to "
               f"step {max_steps}, so from step {step} on the learning rate follows the new curve")
+    data_dir = saved.data_dir  # absolute since it is stored so; a relative one (older runs) is read from here
+    if args.data_dir is not None and os.path.abspath(args.data_dir) != os.path.abspath(saved.data_dir):
+        data_dir = os.path.abspath(args.data_dir)
+        print(f"--data-dir {data_dir}: the run's data is read from here now (it was {saved.data_dir}); the "
+              "resume is exact only if this folder holds the same data")
+    elif not os.path.isdir(data_dir) and step < max_steps:  # (a finished run needs no data)
+        where = "" if os.path.isabs(data_dir) else f" from {os.getcwd()}"
+        raise UserError(f"the run's data folder {data_dir} is not found{where}: pass --data-dir with its place now "
+                        "(the same data)")
     # the run continues exactly as configured; only where to run it, and for how long, may change
     cfg = dataclasses.replace(saved, device=cfg.device, out_dir=cfg.out_dir or saved.out_dir, max_steps=max_steps,
                               data_dir=data_dir)
