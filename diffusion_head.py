@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from errors import UserError
-from model import GPT, offset_causal_mask
+from model import GPT
 
 DRAFT_LEN = 16  # K, the default draft length: the pending token x_s plus K-1 drafts
 
@@ -80,45 +80,6 @@ class DiffusionHead(nn.Module):
             x = x + attn.o_proj(y.transpose(1, 2).reshape(B, K, -1))
             x = layer.feed_forward(x)  # shared, frozen MLP half of the block
         return base.lm_head(base.norm(x))
-
-    def verify_and_draft(self, base: GPT, cache, block: torch.Tensor, starts: list, draft_len: int):
-        """One forward for a whole cycle: the AR view verifies `block` (1, T) = [x_s, d_1..d_n] at
-        positions s..s+n, writing its K/V to the cache as `base(block, cache)` would, and in the same
-        pass the diffusion view drafts the NEXT block for every foreseen acceptance j in `starts`:
-        [MASK x K] at positions s+j+1..s+j+K, which sees the cache, the AR view's fresh K/V of
-        x_s, d_1..d_j (exactly what stays committed if j drafts are accepted) and its own block.
-        Position s+j+1 will hold the AR view's bonus token, unknown while the pass runs, hence the
-        MASK there (train.py --mask-first teaches this layout). Both views share the MLPs, so the
-        rows of both go through each MLP together.
-        Returns (AR logits (T, V), draft logits (len(starts), K, V)); draft row i of block j drafts
-        position s+j+i+2, i.e. index i of the next cycle's block [bonus, MASK x (K-1)]."""
-        B, T = block.shape
-        s, K, M = cache.length, draft_len, len(starts)
-        device = block.device
-        ar_pos = torch.arange(s, s + T, device=device)
-        draft_pos = torch.cat([torch.arange(s + j + 1, s + j + 1 + K, device=device) for j in starts])  # (M*K,)
-        x_ar = base.embed_tokens(block)  # (1, T, n_embd)
-        x_draft = self.mask_embedding.to(x_ar.dtype).expand(B, M * K, -1)  # (1, M*K, n_embd)
-        ar_mask = offset_causal_mask(s, T, device)  # (T, s+T)
-        # draft row of block b sees keys [0, s + j_b + 1) of the cache + fresh AR keys, and its own block
-        block_of_row = torch.arange(M, device=device).repeat_interleave(K)  # (M*K,)
-        visible_prefix = torch.tensor(starts, device=device)[block_of_row, None] + s + 1  # (M*K, 1)
-        draft_mask = torch.cat([torch.arange(s + T, device=device)[None, :] < visible_prefix,
-                                block_of_row[:, None] == block_of_row[None, :]], dim=1)  # (M*K, s+T+M*K)
-        for i, layer in enumerate(base.layers):
-            q, k, v = layer.self_attn.project(layer.input_layernorm(x_ar), base.rope_cos[ar_pos], base.rope_sin[ar_pos])
-            k_all, v_all = cache.write(i, k, v)  # (1, Hkv, s+T, D): the cache with this block appended
-            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=ar_mask, enable_gqa=True)  # (1, H, T, D)
-            x_ar = x_ar + layer.self_attn.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-            attn = self.attn[i]
-            qd, kd, vd = attn.project(layer.input_layernorm(x_draft), base.rope_cos[draft_pos], base.rope_sin[draft_pos])
-            y = F.scaled_dot_product_attention(qd, torch.cat([k_all, kd], 2), torch.cat([v_all, vd], 2),
-                                               attn_mask=draft_mask, enable_gqa=True)  # (1, H, M*K, D)
-            x_draft = x_draft + attn.o_proj(y.transpose(1, 2).reshape(B, M * K, -1))
-            x_ar, x_draft = layer.feed_forward(torch.cat([x_ar, x_draft], 1)).split([T, M * K], 1)
-        cache.length += T  # as base(block, cache) would
-        logits = base.lm_head(base.norm(torch.cat([x_ar, x_draft], 1)))[0]  # (T + M*K, V)
-        return logits[:T], logits[T:].view(M, K, -1)
 
     # -----------------------------------------------------------------------------------------
     # Training: many anchor blocks of one sequence in one masked forward

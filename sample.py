@@ -28,6 +28,7 @@ from errors import UserError
 from orthrus import DiffusionDrafter, generate, generate_speculative
 from pretrained import chat_prompt
 from sampling import Sampling
+from tree_and_fused import FusedDiffusionDrafter, TreeDrafter
 
 DEFAULT_PROMPT = "def "  # shows the shipped stdlib model writing Python; a newline gave only spaces
 DEFAULT_CHAT_PROMPT = "Write a Python function that tells whether a number is prime."
@@ -52,6 +53,15 @@ def build_parser():
                    help=f"Orthrus draft block length K, K-1 drafts per cycle (default: {DRAFT_LEN}, or the "
                         "head's longest trained length if shorter; shortened near the end of the context)")
     p.add_argument("--denoise-steps", type=int, default=1, help="Orthrus diffusion passes per draft (1 = the paper's default)")
+    p.add_argument("--tree-nodes", type=int, default=0,
+                   help="greedy Orthrus: verify a token tree of this many draft nodes (the head's top --tree-width "
+                        "tokens per position, most probable paths first) in one pass instead of a chain (0 = chain)")
+    p.add_argument("--tree-width", type=int, default=4, help="with --tree-nodes: candidate tokens per position")
+    p.add_argument("--fused", action="store_true",
+                   help="one forward per cycle: the verify pass also drafts the next block for the likely "
+                        "acceptances (needs a head trained with --mask-first; chains only)")
+    p.add_argument("--base", default=None, help="a head for a pretrained base: where the base model is, if it is "
+                   "not where the head recorded it (moved, or another copy of the same file)")
     p.add_argument("--trace", action="store_true", help="show each cycle's accepted drafts, rejected tail and bonus token")
     return p
 
@@ -95,7 +105,9 @@ class Tracer:
 
     def __call__(self, c):
         self.cycle += 1
-        ok, bad = c["drafts"][: c["accepted"]], c["drafts"][c["accepted"] :]
+        path = c.get("path", range(c["accepted"]))  # a token tree: the accepted branch, then the other nodes
+        ok = [c["drafts"][i] for i in path]
+        bad = [d for i, d in enumerate(c["drafts"]) if i not in set(path)]
         nxt = self.show([c["next"]])
         if self.colour:
             line = f"\033[32m{self.show(ok)}\033[0m\033[9;31m{self.show(bad)}\033[0m\033[1;36m{nxt}\033[0m"
@@ -138,6 +150,12 @@ def check_flags(args) -> Sampling:
         check_draft_lens([args.draft_len], "--draft-len")
     if args.denoise_steps < 1:
         raise UserError(f"--denoise-steps must be >= 1, got {args.denoise_steps}")
+    if args.tree_nodes < 0 or args.tree_width < 1:
+        raise UserError(f"--tree-nodes must be >= 0 and --tree-width >= 1, got {args.tree_nodes} and {args.tree_width}")
+    if args.fused and (args.tree_nodes or args.denoise_steps > 1):
+        raise UserError("--fused drafts chains in one denoising step: drop --tree-nodes / --denoise-steps")
+    if args.tree_nodes and args.temperature > 0:
+        raise UserError("--tree-nodes is for greedy decoding (--temperature 0); sampling verifies a chain")
     return Sampling(args.temperature, args.top_k, args.top_p)
 
 
@@ -160,7 +178,7 @@ def holds_no_head(path) -> bool:
 def describe(stats):
     line = (f"{stats.method}: {stats.new_tokens} tokens in {stats.prefill_seconds + stats.decode_seconds:.2f}s "
             f"= {stats.tokens_per_second:.1f} tok/s (prefill {1000 * stats.prefill_seconds:.1f} ms)")
-    if stats.method == "orthrus":
+    if stats.method.startswith("orthrus"):
         line += (f" | {stats.tokens_per_cycle:.2f} tokens/cycle, {stats.tokens_per_forward:.2f} tokens/forward "
                  f"(draft+verify passes counted) over {stats.cycles} cycles")
     if stats.stop_reason == "context_limit":
@@ -181,7 +199,7 @@ def main(argv=None):
                         "(train a head on it with `python train.py --stage head --base-ckpt PATH`)")
     device = pick_device(args.device, verbose=False)
     set_threads(args.threads)
-    base, head, tokenizer, info = open_model(args.ckpt, device, parse_dtype(args.dtype))
+    base, head, tokenizer, info = open_model(args.ckpt, device, parse_dtype(args.dtype), base_path=args.base)
     stop_ids = list(info["stop_ids"])
     if args.chat:
         prompt, end_of_turn = chat_prompt(tokenizer, prompt_text)
@@ -219,12 +237,19 @@ def main(argv=None):
             tokens, stats = generate(base, prompt, **kwargs)
         else:
             tracer = Tracer(tokenizer, sys.stderr.isatty()) if args.trace else None
-            drafter = DiffusionDrafter(base, head, draft_len, args.denoise_steps)
+            drafter = make_drafter()
             tokens, stats = generate_speculative(base, drafter, prompt, on_cycle=tracer, **kwargs)
         text = stream.finish()
         if args.trace and method == "orthrus":
             print(shown_prompt + text)
         return tokens, stats
+
+    def make_drafter():
+        if args.fused:
+            return FusedDiffusionDrafter(base, head, draft_len)
+        if args.tree_nodes:
+            return TreeDrafter(base, head, draft_len, args.tree_nodes, args.tree_width)
+        return DiffusionDrafter(base, head, draft_len, args.denoise_steps)
 
     def memory_line():
         drafter = DiffusionDrafter(base, head, draft_len)

@@ -357,6 +357,17 @@ def plan_blocks(windows, K: int, placement: str, generator, seq_len: int, anchor
     return idx, anchors, None if usable is None else usable[:, anchors].float()
 
 
+def draw_blocks(windows_of, K: int, placement: str, generator, seq_len: int, anchors_per_seq: int, masked: bool):
+    """plan_blocks on windows_of()'s windows, anchors drawn before them when there are no response
+    masks. With masks, a batch whose rows hold no block with answer targets only is drawn again
+    (SelfDistilledData.check_blocks made sure the data holds some)."""
+    while True:
+        anchors = None if masked else choose_anchors(seq_len, K, placement, generator, anchors_per_seq)
+        idx, anchors, weight = plan_blocks(windows_of(), K, placement, generator, seq_len, anchors_per_seq, anchors)
+        if anchors.numel():
+            return idx, anchors, weight
+
+
 def block_loss(head, base: GPT, idx, anchors, weight, K: int, cfg: TrainConfig, device, amp, mask_first=None,
                position_decay: float = 0.0):
     """(loss, agreement by block index) of the head on these rows: the frozen base teaches (its
@@ -411,6 +422,7 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
         raise UserError(f"{cfg.data_dir} was written by another base model (data/self_distill.py records its sha256); "
                         "generate it with this --base-ckpt")
     data.check_length(seq_len, "training windows")
+    data.check_blocks(draft_lens, seq_len, cfg.anchors)
     torch.manual_seed(cfg.seed)
     head = DiffusionHead(base, base_ckpt["tokenizer"]["mask_id"], draft_lens).to(device)
     optimizer = make_optimizer(head, cfg, device)
@@ -428,8 +440,8 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
             g = torch.Generator().manual_seed(12345)
             losses, agree = [], 0
             for _ in range(cfg.eval_batches):
-                idx, anchors, weight = plan_blocks(data.val_windows(cfg.batch_size, seq_len, g), K, "aligned", g,
-                                                   seq_len, cfg.anchors_per_seq)
+                idx, anchors, weight = draw_blocks(lambda: data.val_windows(cfg.batch_size, seq_len, g), K, "aligned",
+                                                   g, seq_len, cfg.anchors_per_seq, masked=True)
                 flags = torch.full((anchors.numel(),), True) if opens_with_mask else None
                 loss, a = block_loss(trainable, base, idx, anchors, weight, K, cfg, device, amp, flags)  # uniform weights
                 losses.append(loss.item())
@@ -473,9 +485,8 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
                 # a global batch, drawn alike on every rank: a draft length K, anchors (before the
                 # windows when there are no response masks), windows, the blocks opening with MASK
                 K = draft_lens[torch.randint(len(draft_lens), (1,), generator=gen).item()]
-                anchors = None if data.masked else choose_anchors(seq_len, K, cfg.anchors, gen, cfg.anchors_per_seq)
-                idx, anchors, weight = plan_blocks(data.train_windows(cfg.batch_size, seq_len, gen), K, cfg.anchors, gen,
-                                                   seq_len, cfg.anchors_per_seq, anchors)
+                idx, anchors, weight = draw_blocks(lambda: data.train_windows(cfg.batch_size, seq_len, gen), K,
+                                                   cfg.anchors, gen, seq_len, cfg.anchors_per_seq, data.masked)
                 global_blocks = anchors.numel() * idx.size(0) if weight is None else float(weight.sum())
                 idx, weight = RANKS.rows((idx, weight))  # this rank's rows
                 local_blocks = anchors.numel() * idx.size(0) if weight is None else float(weight.sum())

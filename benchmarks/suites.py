@@ -27,6 +27,7 @@ from orthrus import DiffusionDrafter, generate, generate_speculative
 from pretrained import chat_prompt, is_pretrained_path
 from sampling import GREEDY, Sampling
 from tokenizer import load_tokens
+from tree_and_fused import FusedDiffusionDrafter, TreeDrafter, verify_and_draft
 from training.data import read_data_meta
 
 SPREAD_WARNING = 0.25  # repeats whose slowest is >25% slower than their fastest are not trustworthy
@@ -169,6 +170,7 @@ class Method:
     make_drafter: Callable | None
     cycle_seconds: Callable
     param: int = 0  # Orthrus' K, or the drafter's gamma (for tables and JSON)
+    greedy_only: bool = False  # token trees: sampled decoding would draft a chain, the plain method
 
     @property
     def kind(self) -> str:
@@ -187,6 +189,20 @@ def ar_method() -> Method:
 def orthrus_method(base, head, K, denoise_steps=1, label=None) -> Method:
     return Method(label or f"Orthrus K={K}", lambda: DiffusionDrafter(base, head, K, denoise_steps),
                   lambda costs, stats: denoise_steps * costs.orthrus_draft(head, K) + costs.verify(K), K)
+
+
+def orthrus_tree_method(base, head, K, nodes, width) -> Method:
+    return Method(f"Orthrus tree K={K} n={nodes} w={width}", lambda: TreeDrafter(base, head, K, nodes, width),
+                  lambda costs, stats: costs.orthrus_draft(head, K) + costs.verify(nodes + 1), K, greedy_only=True)
+
+
+def orthrus_fused_method(base, head, K) -> Method:
+    def cycle_seconds(costs, stats):  # one fused pass, plus a draft pass whenever the acceptance was not foreseen
+        cycles = sum(s.cycles for s in stats)
+        separate_drafts = (sum(s.forward_passes for s in stats) - cycles) / max(1, cycles)
+        return costs.fused(head, K) + separate_drafts * costs.orthrus_draft(head, K)
+
+    return Method(f"Orthrus fused K={K}", lambda: FusedDiffusionDrafter(base, head, K), cycle_seconds, K)
 
 
 def draft_model_method(base, draft_model, gamma) -> Method:
@@ -268,6 +284,14 @@ class PassCosts:
             return torch.no_grad()(lambda: head.draft_logits(self.base, cache, block))
         return self._memo(("draft", id(head), K), make)
 
+    def fused(self, head, K, foresee=(0, 1, 2)):
+        """One verify pass of K tokens carrying the next draft blocks (FusedDiffusionDrafter)."""
+        def make():
+            cache, block = self._prefilled(self.base, 2 * K), torch.ones(1, K, dtype=torch.long, device=self.device)
+            length, starts = cache.length, sorted(set(foresee) | {K - 1})
+            return torch.no_grad()(lambda: (verify_and_draft(head, self.base, cache, block, starts, K), cache.crop(length)))
+        return self._memo(("fused", id(head), K), make)
+
     def draft_model_step(self, model):
         def make():
             cache, one = self._prefilled(model, 1), torch.ones(1, 1, dtype=torch.long, device=self.device)
@@ -299,6 +323,7 @@ def method_record(m: Method, run, ar_run, costs: PassCosts, tokenizer, sampling:
         "spread": run["spread"],
         "ceiling": tpc * costs.verify(1) / m.cycle_seconds(costs, stats),
         "cycle_pass_ms": 1000 * m.cycle_seconds(costs, stats),
+        "cycle_in_steps": m.cycle_seconds(costs, stats) / costs.verify(1),
         "extra_params": drafter.extra_params() if drafter else 0,
         "accepted_histogram": acceptance_histogram(accepted, max(drafted)) if drafter and drafted else None,
         "extra_persistent_bytes": drafter.persistent_bytes(end_positions) if drafter else 0,
@@ -313,6 +338,7 @@ COMPARE_COLUMNS = [
     ("method", "{label}"), ("tokens/cycle", "{tokens_per_cycle:.2f}"), ("tokens/forward", "{tokens_per_forward:.2f}"),
     ("accepted mean / none / all", "{accepted_mean:.2f} / {accepted_none:.0%} / {accepted_all:.0%}"),
     ("tokens/s", "{tokens_per_s:,.0f}"), ("chars/s", "{chars_per_s:,.0f}"),
+    ("cycle's passes in AR steps", "{cycle_in_steps:.2f}"),
     ("speedup vs AR", "{speedup:.2f}x"), ("spread", "{spread:.0%}"), ("ceiling", "{ceiling:.2f}x"),
     ("extra params", "{extra_params:,}"), ("extra persistent memory", "{extra_persistent_memory}"),
     ("distinct-8", "{distinct8:.2f}"), ("identical to AR", "{identical}/{prompts}"),
@@ -424,11 +450,19 @@ def names_list(text, flag, allowed):
     return names
 
 
+METHODS = ("ar", "orthrus", "orthrus-tree", "orthrus-fused", "draft-model", "prompt-lookup")
+
+
 def compare_methods(args, bench: Bench):
-    kinds = names_list(args.methods, "--methods", ("ar", "orthrus", "draft-model", "prompt-lookup"))
+    kinds = names_list(args.methods, "--methods", METHODS)
     methods = [ar_method()]
     if "orthrus" in kinds:
         methods += [orthrus_method(bench.base, bench.head, K) for K in draft_lens(args.draft_lens)]
+    if "orthrus-tree" in kinds:
+        methods += [orthrus_tree_method(bench.base, bench.head, K, n, args.tree_width)
+                    for K in draft_lens(args.draft_lens) for n in counts(args.tree_nodes, "--tree-nodes")]
+    if "orthrus-fused" in kinds:
+        methods += [orthrus_fused_method(bench.base, bench.head, K) for K in draft_lens(args.draft_lens)]
     if "draft-model" in kinds and bench.draft_model is not None:
         methods += [draft_model_method(bench.base, bench.draft_model, g) for g in counts(args.gammas, "--gammas")]
     elif "draft-model" in kinds:  # in the default --methods (bench.py refuses it asked for by name)
@@ -451,8 +485,10 @@ def suite_compare(args, device):
                "trainable_fraction": n_head / (n_head + base.num_params()), "tokenizer": bench.tokenizer.kind}
     costs = PassCosts(base, prompts[0], n_new, device)
 
+    every_method = methods
     for mode in modes:
         sampling = mode == "sampling"
+        methods = [m for m in every_method if not (sampling and m.greedy_only)]
         runs = run_methods(base, methods, prompts, n_new, sampling, args.repeats, device, bench.stop_ids)
         ar_run = runs[methods[0].label]
         records = [method_record(m, runs[m.label], ar_run, costs, bench.tokenizer, sampling, args.prompt_len + n_new)
@@ -476,7 +512,7 @@ def suite_compare(args, device):
     if "greedy" in results:  # Orthrus in detail: looping vs non-looping prompts, pass costs, transient memory
         detail = [dict(r, draft_ms=1000 * costs.orthrus_draft(head, r["param"]), verify_ms=1000 * costs.verify(r["param"]),
                        transient=fmt_bytes(r["transient_bytes"]))
-                  for r in results["greedy"].values() if r["kind"] == "orthrus"]
+                  for r in results["greedy"].values() if r["label"].startswith("Orthrus K=")]
         results["t_step_ms"] = 1000 * costs.verify(1)
         print(f"\n### Orthrus detail (greedy): AR 1-token step {results['t_step_ms']:.2f} ms; head "
               f"{n_head / 1e6:.2f}M parameters = {100 * results['trainable_fraction']:.1f}% of base+head\n")
@@ -625,7 +661,10 @@ def suite_ablations(args, device):
 
 def check_lists(args):
     """The comma-list flags, parsed once up front so a typo is reported before minutes of loading."""
-    names_list(args.methods, "--methods", ("ar", "orthrus", "draft-model", "prompt-lookup"))
+    names_list(args.methods, "--methods", METHODS)
+    counts(args.tree_nodes, "--tree-nodes")
+    if args.tree_width < 1:
+        raise UserError(f"--tree-width must be >= 1, got {args.tree_width}")
     names_list(args.modes, "--modes", ("greedy", "sampling"))
     names_list(args.ablations, "--ablations", ("denoise", "heads", "prompt-length", "memory", "tokenizer"))
     draft_lens(args.draft_lens)

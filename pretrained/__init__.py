@@ -25,15 +25,14 @@ from errors import UserError
 from model import GPTConfig
 from pretrained.bpe import BPETokenizer, gguf_fields, open_gguf
 from pretrained.gguf import gguf_config, load_gguf
-from pretrained.hf import hf_config_to_gpt, load_hf_folder
-from pretrained.loading import read_json
+from pretrained.hf import hf_config_to_gpt, load_hf_folder, read_hf_config
 
 
 def is_pretrained_path(path) -> bool:
-    """A model folder (holding config.json) or a .gguf file: what load_pretrained reads."""
+    """A folder or a .gguf file: what load_pretrained reads (our checkpoints are .pt files, never
+    folders, so a folder is a Hugging Face model or refused for what it lacks, config.json first)."""
     path = os.fspath(path)
-    return (os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))) or (
-        path.endswith(".gguf") and os.path.isfile(path))
+    return os.path.isdir(path) or (path.endswith(".gguf") and os.path.isfile(path))
 
 
 def load_pretrained(path, device="cpu", dtype=torch.float32, *, context_len=None, mask_id=None):
@@ -70,10 +69,7 @@ def read_config(path) -> GPTConfig:
     """The GPTConfig of a model folder or .gguf file, without reading the weights (train.py --dry-run)."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise UserError(f"{path} has no config.json: not a Hugging Face model folder (or pass a .gguf file)")
-        return hf_config_to_gpt(read_json(cfg_path), path)
+        return hf_config_to_gpt(read_hf_config(path), path)
     reader = open_gguf(path)
     return gguf_config(gguf_fields(reader), {t.name: [int(x) for x in t.shape] for t in reader.tensors}, path)
 
@@ -83,10 +79,7 @@ def load_model_tokenizer(path):
     included), without reading the weights: for tokenizing data with a model's own tokenizer."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise UserError(f"{path} has no config.json: not a Hugging Face model folder (or pass a .gguf file)")
-        cfg = read_json(cfg_path)
+        cfg = read_hf_config(path)
         config = hf_config_to_gpt(cfg, path)
         return BPETokenizer.from_hf_folder(path, vocab_size=config.vocab_size, mask_id=cfg.get("mask_token_id"))
     if not (path.endswith(".gguf") and os.path.isfile(path)):

@@ -69,6 +69,17 @@ def _unicode_to_bytes(token: str, where: str) -> bytes:
                         f"supported; use the model's tokenizer.json from a Qwen/SmolLM2/GPT-2/Llama-3 style model)") from None
 
 
+def _merge_pair(entry, where: str) -> tuple:
+    """A merge as the files store it ("a b" in tokenizer.json or GGUF metadata, or ["a", "b"] in
+    newer tokenizer.json files) -> (bytes, bytes). Byte-level tokens never hold a space (it is Ġ),
+    so a string merge is exactly two tokens around one space."""
+    parts = entry.split(" ") if isinstance(entry, str) else entry
+    if not isinstance(parts, list) or len(parts) != 2 or not all(isinstance(p, str) and p for p in parts):
+        raise UserError(f"{where}: merge {entry!r} is not two tokens separated by a space; the tokenizer "
+                        "file is damaged (copy it again from the model's release)")
+    return _unicode_to_bytes(parts[0], where), _unicode_to_bytes(parts[1], where)
+
+
 class BPETokenizer(Tokenizer):
     """A pretrained model's byte-level BPE, run by tiktoken, rebuilt from the model's own files
     (tokenizer.json or GGUF metadata; see `from_file`).
@@ -340,29 +351,9 @@ class BPETokenizer(Tokenizer):
         return m
 
     def to_tokenizer_json(self) -> dict:
-        """An equivalent Hugging Face tokenizer.json (as a dict): BPE model, Split stages then
-        ByteLevel, added tokens. Lets a GGUF-only tokenizer be exported, and tested against
-        `tokenizers`."""
-        stages = [{"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": False}
-                  for p in self.splits]
-        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
-        to_str = lambda b: "".join(BYTE_TO_CHAR[x] for x in b)  # noqa: E731
-        vocab = {to_str(b): i for i, b in sorted(self._tokens.items())}
-        for i, c in sorted(self._added.items()):  # as tokenizers' own files do (GPT-2, SmolLM2)
-            vocab.setdefault(c, i)
-        return {
-            "version": "1.0", "truncation": None, "padding": None,
-            "added_tokens": [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
-                              "normalized": False, "special": True} for i, c in sorted(self._added.items())],
-            "normalizer": {"type": "NFC"} if self.normalizer == "NFC" else None,
-            "pre_tokenizer": {"type": "Sequence", "pretokenizers": stages + [byte_level]},
-            "post_processor": None,
-            "decoder": dict(byte_level),
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                      "vocab": vocab,
-                      "merges": [[to_str(a), to_str(b)] for a, b in self._merges]},
-        }
+        """An equivalent Hugging Face tokenizer.json (as a dict): lets a GGUF-only tokenizer be
+        exported, and tested against `tokenizers`."""
+        return tokenizer_json(self._tokens, self._merges, self._added, self.splits, self.normalizer)
 
     # ---- constructors ----------------------------------------------------------------------
 
@@ -397,10 +388,7 @@ class BPETokenizer(Tokenizer):
         for s, i in model.get("vocab", {}).items():
             if int(i) not in added:
                 tokens[int(i)] = _unicode_to_bytes(s, where)
-        merges = []
-        for m in model.get("merges", []):
-            a, b = m.split(" ", 1) if isinstance(m, str) else m
-            merges.append((_unicode_to_bytes(a, where), _unicode_to_bytes(b, where)))
+        merges = [_merge_pair(m, where) for m in model.get("merges", [])]
         if not tokens:
             raise UserError(f"{where}: the BPE vocabulary is empty")
         return cls(tokens=tokens, merges=merges, added=added, splits=splits, normalizer=normalizer,
@@ -412,6 +400,9 @@ class BPETokenizer(Tokenizer):
         .merges, .pre, .model, ids, tokenizer.chat_template) to plain Python values."""
         where = path or "GGUF file"
         model = fields.get("tokenizer.ggml.model")
+        if model is None:
+            raise UserError(f"{where} holds no tokenizer (no tokenizer.ggml.model): use a GGUF with its tokenizer "
+                            "embedded, as llama.cpp's convert_hf_to_gguf.py writes it")
         if model != "gpt2":
             raise UserError(f"{where}: tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') tokenizers "
                             f"are supported (a 'llama' one is sentencepiece)")
@@ -429,10 +420,13 @@ class BPETokenizer(Tokenizer):
                 tokens[i] = _unicode_to_bytes(s, where)
             else:
                 added[i] = s
-        merges = []
-        for m in fields.get("tokenizer.ggml.merges") or []:
-            a, b = m.split(" ", 1)
-            merges.append((_unicode_to_bytes(a, where), _unicode_to_bytes(b, where)))
+        if not names:
+            raise UserError(f"{where} holds no tokenizer.ggml.tokens: the tokenizer is incomplete; use a GGUF with "
+                            "its tokenizer embedded")
+        if not fields.get("tokenizer.ggml.merges"):  # without them every text would encode byte by byte
+            raise UserError(f"{where} has no tokenizer.ggml.merges: a byte-level BPE cannot produce the model's "
+                            "tokens without its merges; use a GGUF converted with them (convert_hf_to_gguf.py)")
+        merges = [_merge_pair(m, where) for m in fields["tokenizer.ggml.merges"]]
         special_ids = {k: fields.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "eot", "pad", "unknown")}
         special_ids = {("unk" if k == "unknown" else k): v for k, v in special_ids.items() if v is not None}
         return cls(tokens=tokens, merges=merges, added=added, splits=GGUF_PRE_SPLITS[pre],
@@ -465,9 +459,12 @@ class BPETokenizer(Tokenizer):
                 return {}
             try:
                 with open(p, encoding="utf-8") as f:
-                    return json.load(f)
+                    data = json.load(f)
             except ValueError as e:
                 raise UserError(f"{p} is not valid JSON ({first_line(e, 100)})") from None
+            if not isinstance(data, dict):
+                raise UserError(f"{p} holds a JSON {type(data).__name__}, not an object; the file is damaged")
+            return data
 
         tc = read_json("tokenizer_config.json")
         template = tc.get("chat_template")
@@ -494,6 +491,16 @@ def open_gguf(path):
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # a truncated or foreign file fails in numpy/struct code
+        if isinstance(e, OSError):  # no permission, a folder
+            raise UserError(f"cannot read GGUF file {path}: {e.strerror or type(e).__name__}") from None
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if head[:4] != b"GGUF":
+            raise UserError(f"cannot read GGUF file {path}: it does not start with the GGUF magic, so it is not a "
+                            "GGUF file") from None
+        if int.from_bytes(head[4:8], "little") in (2, 3):  # a version the reader knows: the file ends early
+            raise UserError(f"cannot read GGUF file {path}: it is truncated or damaged ({os.path.getsize(path):,} "
+                            "bytes); copy or download it again") from None
         raise UserError(f"cannot read GGUF file {path}: {type(e).__name__}: {first_line(e, 120)}") from None
 
 
@@ -572,6 +579,35 @@ def load_bpe(meta, base_dir):
         raise UserError(f"tokenizer {path} is not the one this meta was made with (its content hash differs); "
                         f"point to the model it was made with")
     return tok
+
+
+def tokenizer_json(tokens: dict, merges: list, added: dict, splits: list, normalizer=None) -> dict:
+    """A Hugging Face tokenizer.json (as a dict) for byte-level BPE: tokens {id: bytes}, merges
+    [(bytes, bytes)], added tokens {id: str}; Split stages then ByteLevel, as tokenizers' own files."""
+    stages = [{"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": False} for p in splits]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    to_str = lambda b: "".join(BYTE_TO_CHAR[x] for x in b)  # noqa: E731
+    vocab = {to_str(b): i for i, b in sorted(tokens.items())}
+    for i, c in sorted(added.items()):  # as tokenizers' own files do (GPT-2, SmolLM2)
+        vocab.setdefault(c, i)
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for i, c in sorted(added.items())],
+        "normalizer": {"type": "NFC"} if normalizer == "NFC" else None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": stages + [byte_level]},
+        "post_processor": None,
+        "decoder": dict(byte_level),
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": [[to_str(a), to_str(b)] for a, b in merges]},
+    }
+
+
+def byte_tokenizer_json(eot_id: int, mask_id: int) -> dict:
+    """tokenizer.ByteTokenizer as a tokenizer.json: 256 byte tokens (id = byte value), no merges, end
+    of text and MASK as added tokens; what an exported byte-level model ships so it can be read back."""
+    return tokenizer_json({b: bytes([b]) for b in range(256)}, [], {eot_id: EOT_STRING, mask_id: MASK_STRING}, [])
 
 
 def load_any_tokenizer(meta, base_dir=None, model_bytes=None):

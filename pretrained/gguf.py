@@ -17,7 +17,7 @@ from errors import UserError
 from model import GPTConfig
 from pretrained import loading
 from pretrained.bpe import BPETokenizer, gguf_fields, open_gguf
-from pretrained.loading import Filler, context_len_of, empty_models
+from pretrained.loading import Filler, context_len_of, empty_models, gpt_config
 
 # GGUF tensor names -> ours ({i} = layer)
 GGUF_NAMES = {
@@ -74,7 +74,7 @@ def gguf_config(fields: dict, tensor_shapes: dict, where: str, context_len=None)
         raise UserError(f"{where}: sliding-window attention is not supported")
     try:
         n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
-        head_dim = int(get("attention.key_length") or n_embd // n_head)
+        head_dim = int(get("attention.key_length") or n_embd // max(1, n_head))  # (0 heads: refused by name below)
         if int(get("attention.value_length") or head_dim) != head_dim:
             raise UserError(f"{where}: key and value head sizes differ; not supported")
         if int(get("rope.dimension_count") or head_dim) != head_dim:
@@ -83,7 +83,7 @@ def gguf_config(fields: dict, tensor_shapes: dict, where: str, context_len=None)
         if "token_embd.weight" not in tensor_shapes:
             raise UserError(f"{where}: no token_embd.weight tensor")
         vocab = int(tensor_shapes["token_embd.weight"][-1])  # GGUF shapes are (n_embd, vocab): reversed
-        return GPTConfig(
+        values = dict(
             vocab_size=vocab, n_layer=int(get("block_count")), n_embd=n_embd, n_head=n_head,
             n_kv_head=int(get("attention.head_count_kv") or n_head), head_dim=head_dim,
             mlp_hidden=int(get("feed_forward_length")), rope_theta=float(get("rope.freq_base", 10000.0)),
@@ -94,6 +94,12 @@ def gguf_config(fields: dict, tensor_shapes: dict, where: str, context_len=None)
         missing = [k for k in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
                    if get(k) is None]
         raise UserError(f"{where}: GGUF metadata lacks {arch}.{missing[0] if missing else '?'}") from None
+    keys = {"vocab_size": "token_embd.weight's rows", "context_len": "context_length", "n_layer": "block_count",
+            "n_embd": "embedding_length", "n_head": "attention.head_count", "n_kv_head": "attention.head_count_kv",
+            "head_dim": "attention.key_length", "mlp_hidden": "feed_forward_length", "rope_theta": "rope.freq_base",
+            "rms_norm_eps": "attention.layer_norm_rms_epsilon"}
+    return gpt_config(values, {f: k if f == "vocab_size" else f"{arch}.{k}" for f, k in keys.items()},
+                      f"{where}: GGUF metadata")
 
 
 def load_gguf(path, device, dtype, context_len, mask_id):

@@ -17,8 +17,29 @@ from errors import UserError, first_line
 from model import GPTConfig
 from pretrained import loading
 from pretrained.bpe import BPETokenizer
-from pretrained.loading import Filler, context_len_of, empty_models, read_json
+from pretrained.loading import Filler, context_len_of, empty_models, gpt_config, read_json
 from pretrained.official import OFFICIAL_DIFF, finish_official_head
+
+
+def read_hf_config(folder) -> dict:
+    """A model folder's config.json, a file holding a JSON object: where a folder that is no
+    Hugging Face model is refused (our checkpoints are files, never folders)."""
+    path = os.path.join(folder, "config.json")
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder, not a file: {folder} is not a Hugging Face model folder")
+    if not os.path.isfile(path):
+        pts = sorted(f for f in os.listdir(folder) if f.endswith(".pt"))
+        hint = (f"; to open an orthrus checkpoint, pass the .pt file inside it ({os.path.join(folder, pts[0])})" if pts
+                else " (pass a Hugging Face model folder, a .gguf file or an orthrus .pt checkpoint)")
+        raise UserError(f"{folder} is a folder with no config.json: not a Hugging Face model folder{hint}")
+    return read_json(path)
+
+
+# GPTConfig field -> its config.json key, for refusals
+HF_KEYS = {"vocab_size": "vocab_size", "context_len": "max_position_embeddings", "n_layer": "num_hidden_layers",
+           "n_embd": "hidden_size", "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads",
+           "head_dim": "head_dim", "mlp_hidden": "intermediate_size", "rope_theta": "rope_theta",
+           "rms_norm_eps": "rms_norm_eps"}
 
 
 def hf_config_to_gpt(cfg: dict, where: str, context_len=None) -> GPTConfig:
@@ -41,7 +62,8 @@ def hf_config_to_gpt(cfg: dict, where: str, context_len=None) -> GPTConfig:
         n_head = int(cfg["num_attention_heads"])
         max_pos = int(cfg.get("max_position_embeddings", 32768 if mt == "qwen3" else 2048))
         # transformers' defaults where a key is missing (Qwen3Config: head_dim 128; Llama: n_embd / n_head)
-        head_dim = cfg.get("head_dim") or (128 if mt == "qwen3" else int(cfg["hidden_size"]) // n_head)
+        # (0 heads is refused by name below)
+        head_dim = cfg.get("head_dim") or (128 if mt == "qwen3" else int(cfg["hidden_size"]) // max(1, n_head))
         values = dict(
             vocab_size=int(cfg["vocab_size"]), n_layer=int(cfg["num_hidden_layers"]), n_embd=int(cfg["hidden_size"]),
             n_head=n_head, n_kv_head=int(cfg.get("num_key_value_heads") or n_head), head_dim=int(head_dim),
@@ -54,7 +76,7 @@ def hf_config_to_gpt(cfg: dict, where: str, context_len=None) -> GPTConfig:
         raise UserError(f"{where}: config.json lacks {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
         raise UserError(f"{where}: config.json has a malformed value ({e})") from None
-    return GPTConfig(**values)
+    return gpt_config(values, HF_KEYS, f"{where}: config.json")
 
 
 def _weight_files(folder):
@@ -89,9 +111,12 @@ def _iter_safetensors(files, weight_map, where):
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    if weight_map is not None and weight_map.get(name) != os.path.basename(path):
+                    if weight_map is not None and name not in weight_map:
+                        raise UserError(f"{where}: tensor {name} in {os.path.basename(path)} is not listed in "
+                                        "model.safetensors.index.json; the index is damaged or from another download")
+                    if weight_map is not None and weight_map[name] != os.path.basename(path):
                         raise UserError(f"{where}: tensor {name} is in {os.path.basename(path)} but the index says "
-                                        f"{weight_map.get(name)}; the index is damaged")
+                                        f"{weight_map[name]}; the index is damaged")
                     seen.add(name)
                     yield name, f.get_slice(name)
         except UserError:
@@ -114,10 +139,7 @@ def _put(fill, name, sl, source_name):
 
 
 def load_hf_folder(folder, device, dtype, context_len, mask_id):
-    cfg_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise UserError(f"{folder} has no config.json: not a Hugging Face model folder (or pass a .gguf file)")
-    cfg = read_json(cfg_path)
+    cfg = read_hf_config(folder)
     config = hf_config_to_gpt(cfg, folder, context_len)
     files, weight_map = _weight_files(folder)  # before the slow tokenizer: fail fast on missing weights
     official = "block_size" in cfg or "mask_token_id" in cfg
@@ -137,6 +159,10 @@ def load_hf_folder(folder, device, dtype, context_len, mask_id):
         if not isinstance(lens, list):
             raise UserError(f"{folder}: orthrus_trained_draft_lens must be a list, got {lens!r}")
         check_draft_lens(lens, f"{folder}: each of orthrus_trained_draft_lens")
+        for name, K in (("block_size", block_size), ("orthrus_trained_draft_lens", max(lens))):
+            if K > config.context_len:  # a block of K positions must fit the context it is drafted in
+                raise UserError(f"{folder}: config.json's {name} {K} exceeds the model's context of "
+                                f"{config.context_len} positions; a block size must be in 2..{config.context_len}")
     tok = BPETokenizer.from_hf_folder(folder, vocab_size=config.vocab_size, mask_id=mask_id)
 
     base, head = empty_models(config, device, dtype, head_mask_id=tok.mask_id if official else None,

@@ -8,6 +8,7 @@ used; a one-line UserError names the first offender.
 
 import json
 import os
+import re
 
 import torch
 
@@ -84,15 +85,37 @@ class Filler:
 
 
 def read_json(path, required=False):
+    """The JSON object (a dict: every file a model folder holds is one) in path; None if absent."""
     if not os.path.isfile(path):
         if required:
             raise UserError(f"{path} not found")
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is not valid JSON ({first_line(e, 100)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {json_type(data)}, not an object ({{\"key\": value, ...}}); "
+                        "the file is damaged or not the one the model needs")
+    return data
+
+
+def json_type(value) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+        type(value), "null")
+
+
+def gpt_config(values: dict, keys: dict, where: str) -> GPTConfig:
+    """GPTConfig(**values), refused in the words of the file the values came from: keys maps each
+    field to that file's key (n_head -> num_attention_heads), so the line names what to fix there,
+    not train.py's flags."""
+    try:
+        return GPTConfig(**values)
+    except UserError as e:
+        fields = r"\b(" + "|".join(sorted(keys, key=len, reverse=True)) + r")\b(?: \(--[a-z-]+\))?"
+        raise UserError(f"{where}: {re.sub(fields, lambda m: keys[m.group(1)], str(e))}") from None
 
 
 def context_len_of(model_max, wanted, where):

@@ -29,6 +29,7 @@ from diffusion_head import check_draft_lens
 from cli import parse_dtype
 from errors import UserError
 from model import GPT
+from pretrained.bpe import byte_tokenizer_json
 from pretrained.loading import read_json
 
 OFFICIAL_DIFF = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")  # head.attn[i].<name>
@@ -143,10 +144,16 @@ def export_official(base: GPT, head, out_dir, *, tokenizer=None, source=None, bl
     })
     if c.tie_embeddings and not tied_out:
         cfg["orthrus_base_tied"] = True
+    if cfg.get("eos_token_id") is None and tokenizer is not None:  # the official generate compares against it
+        cfg["eos_token_id"] = getattr(tokenizer, "special_ids", {}).get("eos", tokenizer.eot_id)
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2)
     files.append("config.json")
     files += _write_tokenizer_files(out_dir, source, tokenizer, notes)
+    umask = os.umask(0)  # read it (there is no getter) and put it back
+    os.umask(umask)
+    for name in files:  # safetensors writes its files owner-only; the folder's files share one mode
+        os.chmod(os.path.join(out_dir, name), 0o666 & ~umask)
     return {"out_dir": out_dir, "files": files, "tied": tied_out, "mask_row": how, "block_size": block_size,
             "notes": notes}
 
@@ -185,13 +192,15 @@ def _write_tokenizer_files(out_dir, source, tokenizer, notes):
                 shutil.copyfile(src, os.path.join(out_dir, name))
                 copied.append(name)
         return copied
-    if tokenizer is not None and hasattr(tokenizer, "to_tokenizer_json"):
+    if tokenizer is not None and (hasattr(tokenizer, "to_tokenizer_json") or tokenizer.kind == "byte"):
+        data = tokenizer.to_tokenizer_json() if tokenizer.kind != "byte" else \
+            byte_tokenizer_json(tokenizer.eot_id, tokenizer.mask_id)
         with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
-            json.dump(tokenizer.to_tokenizer_json(), f, ensure_ascii=False)
-        tc = {"chat_template": tokenizer.chat_template} if tokenizer.chat_template else {}
+            json.dump(data, f, ensure_ascii=False)
+        tc = {"chat_template": tokenizer.chat_template} if getattr(tokenizer, "chat_template", None) else {}
         with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(tc, f, indent=2)
-        eos = tokenizer.special_ids.get("eos")
+        eos = getattr(tokenizer, "special_ids", {}).get("eos", tokenizer.eot_id)
         if eos is not None:
             with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
                 json.dump({"eos_token_id": eos}, f, indent=2)

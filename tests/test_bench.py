@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import bench
+import benchmarks.gpu_check as gpu_check
 import benchmarks.suites
 from helpers import expect_user_error
 
@@ -46,6 +47,21 @@ def test_compare_suite_tables_and_json(tiny, tmp_path, capsys):
     # (except a final cycle trimmed by max_new_tokens)
     assert results["greedy"]["draft model gamma=3"]["tokens_per_cycle"] > 3.0
     assert 0 < results["trainable_fraction"] < 1
+
+
+def test_compare_suite_tree_and_fused_rows(tiny, capsys):
+    """Token trees (greedy only) and the fused pass run beside the chain, stay identical to AR, and
+    every row reports its cycle's passes in AR steps."""
+    results = bench.main(["--suite", "compare", "--ckpt", tiny["head"], *SMALL, "--draft-lens", "4",
+                          "--methods", "orthrus,orthrus-tree,orthrus-fused", "--tree-nodes", "6", "--tree-width", "3"])
+    printed = capsys.readouterr().out
+    assert "cycle's passes in AR steps" in printed
+    greedy, sampled = results["greedy"], results["sampling"]
+    assert set(greedy) == {"AR (KV cache)", "Orthrus K=4", "Orthrus tree K=4 n=6 w=3", "Orthrus fused K=4"}
+    assert "Orthrus tree K=4 n=6 w=3" not in sampled  # sampled decoding drafts chains
+    for row in greedy.values():
+        assert row["identical"] == row["prompts"] and row["cycle_in_steps"] > 0
+    assert greedy["Orthrus fused K=4"]["forward_passes"] < 2 * greedy["Orthrus fused K=4"]["cycles"]
 
 
 def test_ablations_suite(tiny, capsys):
@@ -99,3 +115,13 @@ def test_bench_one_new_token(tiny, capsys):
     results = bench.main(["--suite", "compare", "--ckpt", tiny["head"], *SMALL[:4], "--max-new-tokens", "1",
                           "--num-prompts", "1", "--repeats", "1", "--modes", "greedy", "--draft-lens", "4"])
     assert results["greedy"]["Orthrus K=4"]["accepted_mean"] is None
+
+
+def test_gpu_check_runs_on_a_cpu(capsys):
+    """benchmarks/gpu_check.py is prepared for a lent GPU; on a CPU with --small it runs the same
+    exactness checks and table in seconds, so it is known to work before a GPU is there."""
+    code = gpu_check.main(["--device", "cpu", "--small", "--dtype", "float32", "--max-new-tokens", "32",
+                           "--repeats", "1"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "all exactness checks passed" in printed and "FAIL" not in printed
+    assert "| fused K=16 | 15." in printed  # acceptance forced: every cycle commits K tokens

@@ -38,3 +38,32 @@ def test_export_bad_input(tiny, tmp_path, capsys):
     (tmp_path / "a_file").write_text("x")
     line = expect_user_error(export.main, ["--ckpt", tiny["head"], "--out", tmp_path / "a_file" / "x.pt"], capsys)
     assert "cannot write --out" in line
+
+
+def test_official_export_of_a_byte_model_reads_back(tmp_path):
+    """The shipped byte model exported as an official folder: config.json names eos_token_id (the
+    official generate compares against it), a tokenizer.json is written (so our loader reads its own
+    export back, with the byte tokenizer's ids), every file has one mode, and it decodes as before."""
+    import json
+    import stat
+
+    from checkpoint import open_model
+    from helpers import ROOT
+    from tokenizer import ByteTokenizer
+
+    shipped = os.path.join(ROOT, "checkpoints", "orthrus_stdlib_byte.pt")
+    out = tmp_path / "official"
+    export.main(["--ckpt", shipped, "--format", "official", "--out", str(out)])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["eos_token_id"] == ByteTokenizer().eot_id
+    assert (out / "tokenizer.json").exists()
+    modes = {stat.S_IMODE(os.stat(out / name).st_mode) for name in os.listdir(out)}
+    assert len(modes) == 1, modes
+    base, head, tok, info = open_model(str(out))
+    text = "def f(x):\n    return 'é' + x  # ünïcode\n"
+    assert tok.encode(text) == ByteTokenizer().encode(text) and tok.decode(tok.encode(text)) == text
+    assert tok.eot_id == 256 and head.mask_id == 257 and 256 in info["stop_ids"]
+    ref_base, ref_head, _, _ = open_model(shipped)
+    prompt = tok.encode("def ")
+    ours = generate_orthrus(base, head, prompt, 40, draft_len=8)[0]
+    assert ours == generate(ref_base, prompt, 40)[0] == generate_orthrus(ref_base, ref_head, prompt, 40, draft_len=8)[0]

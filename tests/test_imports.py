@@ -8,9 +8,10 @@ import os
 from helpers import ROOT
 
 FOLDERS = ("pretrained", "training", "benchmarks", "data")
-SCRIPTS = {"train", "sample", "export", "bench", "data.prepare", "data.chat_prompts", "data.self_distill"}
+SCRIPTS = {"train", "sample", "export", "bench", "data.prepare", "data.chat_prompts", "data.self_distill",
+           "benchmarks.gpu_check"}
 ROOT_LIBRARY = {"model", "diffusion_head", "orthrus", "consensus", "sampling", "decoding", "errors", "tokenizer", "cli",
-                "checkpoint"}
+                "checkpoint", "tree_and_fused"}
 
 
 def our_modules() -> dict:

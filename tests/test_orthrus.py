@@ -13,9 +13,9 @@ from model import GPT, GPTConfig
 from errors import UserError
 from consensus import greedy_verify, greedy_verify_tree
 from model import tree_layout
-from orthrus import (DiffusionDrafter, FusedDiffusionDrafter, Proposal, best_first_tree, generate, generate_batch,
-                     generate_orthrus, generate_speculative)
+from orthrus import DiffusionDrafter, Proposal, generate, generate_batch, generate_orthrus, generate_speculative
 from sampling import GREEDY, Sampling, logits_to_probs
+from tree_and_fused import FusedDiffusionDrafter, TreeDrafter, best_first_tree, verify_and_draft
 
 V, MASK = 24, 23
 CFG = dict(vocab_size=V, context_len=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, head_dim=8, mlp_hidden=64)
@@ -432,8 +432,8 @@ def test_tree_greedy_equals_ar_float64(draft_len, nodes, width):
                 chain.append(node)
             off_chain += c["path"] != chain[: len(c["path"])]
 
-        out, stats = generate_orthrus(*model, prompt, 30, draft_len=draft_len, tree_nodes=nodes, tree_width=width,
-                                      on_cycle=watch)
+        out, stats = generate_speculative(model[0], TreeDrafter(*model, draft_len, nodes, width), prompt, 30,
+                                          on_cycle=watch)
         assert out == ar_reference(model, prompt, 30)
         assert stats.tokens_per_cycle >= 1
     assert off_chain > 0
@@ -443,7 +443,7 @@ def test_tree_greedy_equals_ar_near_the_context_limit():
     """A tree wider than the tokens left: the cache has room for the whole verify block."""
     model = random_orthrus(context_len=24)
     prompt = list(range(1, 13))
-    out, _ = generate_orthrus(*model, prompt, 30, draft_len=6, tree_nodes=16, tree_width=3)
+    out, _ = generate_speculative(model[0], TreeDrafter(*model, 6, 16, 3), prompt, 30)
     assert out == ar_reference(model, prompt, 30) and len(out) == 12
 
 
@@ -453,9 +453,9 @@ def test_sampling_with_a_tree_drafter_keeps_the_chain():
     model = random_orthrus()
     prompt = [1, 2, 3]
     runs = []
-    for nodes in (0, 12):
+    for drafter in (DiffusionDrafter(*model, 4), TreeDrafter(*model, 4, 12)):
         s = Sampling(temperature=1.0, generator=torch.Generator().manual_seed(7))
-        runs.append(generate_orthrus(*model, prompt, 25, draft_len=4, tree_nodes=nodes, sampling=s)[0])
+        runs.append(generate_speculative(model[0], drafter, prompt, 25, sampling=s)[0])
     assert runs[0] == runs[1]
 
 
@@ -474,7 +474,7 @@ def test_verify_and_draft_equals_a_verify_pass_and_separate_draft_passes_float64
     with torch.no_grad():
         base(torch.tensor([prompt]), fused_cache)
         base(torch.tensor([prompt]), plain_cache)
-        ar, drafts = head.verify_and_draft(base, fused_cache, block, starts, K)
+        ar, drafts = verify_and_draft(head, base, fused_cache, block, starts, K)
         ref = base(block, plain_cache)[0]
     torch.testing.assert_close(ar, ref, rtol=0, atol=1e-10)
     assert fused_cache.length == plain_cache.length == len(prompt) + 5

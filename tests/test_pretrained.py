@@ -13,6 +13,7 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -510,7 +511,72 @@ def test_refusals_hf_folders(tmp_path):
     extra = variant("extra")
     write_weights(extra, dict(sd, **{"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}))
     _one_line_user_error(load(extra), "unexpected tensor model.layers.0.self_attn.q_proj.bias")
-    assert pretrained.is_pretrained_path(tmp_path / "ok") and not pretrained.is_pretrained_path(tmp_path / "empty")
+    # any folder is read as a model (our checkpoints are files): an empty one is refused for its config.json
+    assert pretrained.is_pretrained_path(tmp_path / "ok") and pretrained.is_pretrained_path(tmp_path / "empty")
+
+
+def test_a_folder_without_config_json_is_refused_naming_it(tmp_path, capsys):
+    """Issue 18 cases 14 and 6: wherever a model is read (sample.py, train.py --base-ckpt, prepare.py
+    --tokenizer-from, the dry run), a folder without config.json, with config.json as a folder, or
+    with a config.json (or generation_config.json, tokenizer_config.json) that is not a JSON object
+    is one line naming that file, not "a checkpoint folder" or an AttributeError."""
+    import sample
+    import train
+    from helpers import expect_user_error, load_prepare, prepare_data
+
+    cfg, _ = write_hf_folder(tmp_path / "nocfg")
+    os.remove(tmp_path / "nocfg" / "config.json")
+    (tmp_path / "nocfg" / "notes.txt").write_text("a model folder missing its config.json")
+    (tmp_path / "cfgdir" / "config.json").mkdir(parents=True)
+    write_hf_folder(tmp_path / "listcfg")
+    (tmp_path / "listcfg" / "config.json").write_text(json.dumps([cfg]))
+    (tmp_path / "text").mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "text" / name).write_text("hello world " * 50)
+    data = prepare_data(tmp_path / "text", tmp_path / "data")
+    uses = [
+        (sample.main, ["--ckpt", "{m}", "--prompt", "x", "--max-new-tokens", 2, "--device", "cpu"]),
+        (train.main, ["--stage", "head", "--base-ckpt", "{m}", "--data-dir", data, "--out-dir",
+                      tmp_path / "h", "--device", "cpu"]),
+        (train.main, ["--stage", "head", "--base-ckpt", "{m}", "--dry-run"]),
+        (load_prepare().main, ["--input", tmp_path / "text", "--out-dir", tmp_path / "d", "--tokenizer-from", "{m}"]),
+    ]
+    expected = {"nocfg": f"{tmp_path / 'nocfg'} is a folder with no config.json: not a Hugging Face model folder",
+                "cfgdir": f"{tmp_path / 'cfgdir' / 'config.json'} is a folder, not a file",
+                "listcfg": f"{tmp_path / 'listcfg' / 'config.json'} holds a JSON array, not an object"}
+    for main, argv in uses:
+        for folder, message in expected.items():
+            line = expect_user_error(main, [str(a).replace("{m}", str(tmp_path / folder)) for a in argv], capsys)
+            assert message in line, line
+    # a folder of our own checkpoints: the .pt to pass instead
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ckpt.pt").write_bytes(b"")
+    line = expect_user_error(sample.main, ["--ckpt", tmp_path / "run", "--prompt", "x"], capsys)
+    assert f"pass the .pt file inside it ({tmp_path / 'run' / 'ckpt.pt'})" in line
+    for name, content in (("generation_config.json", "[2]"), ("tokenizer_config.json", '"chatml"')):
+        write_hf_folder(tmp_path / name)
+        (tmp_path / name / name).write_text(content)
+        _one_line_user_error(lambda: pretrained.load_pretrained(str(tmp_path / name)), f"{name} holds a JSON")
+
+
+def test_config_values_are_refused_by_their_own_names(tmp_path):
+    """Issue 18 case 17: a zero or inconsistent size in a model's config is named as the file names
+    it (num_attention_heads), not as train.py's flag (--n-head); no division by zero heads."""
+    for model_type in ("qwen3", "llama"):
+        for over, message in (({"num_attention_heads": 0}, "config.json: num_attention_heads must be an integer >= 1, got 0"),
+                              ({"num_key_value_heads": 3}, "num_key_value_heads (3) must divide num_attention_heads (4)"),
+                              ({"hidden_size": -1}, "config.json: hidden_size must be an integer >= 1"),
+                              ({"rms_norm_eps": 0}, "config.json: rms_norm_eps must be a finite number > 0")):
+            folder = tmp_path / f"{model_type}{len(os.listdir(tmp_path))}"
+            write_hf_folder(folder, cfg=hf_config(300, model_type=model_type, **over), sd={})
+            with pytest.raises(UserError) as e:
+                pretrained.load_pretrained(str(folder))
+            assert message in str(e.value) and "--" not in str(e.value), str(e.value)
+    with pytest.raises(UserError) as e:
+        pretrained.gguf.gguf_config({"general.architecture": "llama", "llama.embedding_length": 64,
+                                     "llama.attention.head_count": 0, "llama.block_count": 2,
+                                     "llama.feed_forward_length": 96}, {"token_embd.weight": [64, 300]}, "m.gguf")
+    assert "m.gguf: GGUF metadata: llama.attention.head_count must be an integer >= 1, got 0" in str(e.value)
 
 
 def test_refusals_official_and_expected_base(tmp_path):
@@ -525,6 +591,17 @@ def test_refusals_official_and_expected_base(tmp_path):
     write_hf_folder(tmp_path / "nodiff", cfg=cfg, sd={k: v for k, v in sd.items() if "_diff" not in k})
     _one_line_user_error(lambda: pretrained.load_pretrained(str(tmp_path / "nodiff")), "head weights lack 12 tensor.*_diff")
     _one_line_user_error(lambda: pretrained.load_pretrained(str(tmp_path / "official"), mask_id=3), "mask_token_id")
+    # issue 18 case 11: a block size outside 2..context (max_position_embeddings 128 here)
+    for block_size, message in ((100_000, "block_size 100000 exceeds the model's context of 128 positions"),
+                                (129, "block_size 129 exceeds"), (1, "block_size must be >= 2"),
+                                ("4", "block_size must be >= 2 (the pending token plus at least one draft), got '4'")):
+        write_hf_folder(tmp_path / "block", cfg=dict(cfg, block_size=block_size), sd=sd)
+        _one_line_user_error(lambda: pretrained.load_pretrained(str(tmp_path / "block")), re.escape(message))
+    write_hf_folder(tmp_path / "block", cfg=dict(cfg, block_size=128), sd=sd)  # the whole context: a valid block
+    assert pretrained.load_pretrained(str(tmp_path / "block"))[1].max_draft_len == 128
+    write_hf_folder(tmp_path / "block", cfg=dict(cfg, orthrus_trained_draft_lens=[4, 500]), sd=sd)
+    _one_line_user_error(lambda: pretrained.load_pretrained(str(tmp_path / "block")),
+                         "orthrus_trained_draft_lens 500 exceeds the model's context of 128")
 
 
 def test_refusals_gguf(tmp_path):
@@ -567,6 +644,84 @@ def test_refusals_gguf(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
     _one_line_user_error(lambda: pretrained.load_pretrained(str(tmp_path / "junk.gguf")), "cannot read GGUF")
     assert pretrained.is_pretrained_path(str(bad)) and not pretrained.is_pretrained_path(str(tmp_path / "x.gguf"))
+
+
+def rewrite_gguf(src, dst, drop=(), fields=None):
+    """A copy of the GGUF file src without the metadata keys in drop and with `fields` ({key: list
+    of strings}) replaced; tensors unchanged."""
+    import gguf
+    import numpy as np
+
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), r.fields["general.architecture"].contents())
+    for key, field in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in drop:
+            continue
+        value = (fields or {}).get(key, field.contents())
+        if field.types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_array(key, value)
+        else:
+            w.add_key_value(key, value, field.types[0])
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(dst)
+
+
+def test_damaged_tokenizers_and_model_files_are_one_line_about_the_file(tmp_path, capsys):
+    """Issue 18 cases 5, 9a, 17: a BPE merge without its space (tokenizer.json or GGUF), a GGUF
+    without merges (it would load and decode garbage) or without a tokenizer, a truncated GGUF,
+    a shard tensor the index does not list, and a GGUF passed to export.py: each one line about
+    the user's file, through the scripts that read them (sample.py, prepare.py --tokenizer-from)."""
+    import export
+    import sample
+    from helpers import expect_user_error, load_prepare
+
+    write_gguf(tmp_path / "ok.gguf", "llama")
+    merges = pretrained.bpe.read_gguf_fields(str(tmp_path / "ok.gguf"))["tokenizer.ggml.merges"]
+    bad_merge = rewrite_gguf(tmp_path / "ok.gguf", tmp_path / "merge.gguf",
+                             fields={"tokenizer.ggml.merges": merges[:5] + [merges[5].replace(" ", "")] + merges[6:]})
+    no_merges = rewrite_gguf(tmp_path / "ok.gguf", tmp_path / "nomerges.gguf", drop=("tokenizer.ggml.merges",))
+    no_tokenizer = rewrite_gguf(tmp_path / "ok.gguf", tmp_path / "notok.gguf",
+                                drop=[k for k in pretrained.bpe.read_gguf_fields(str(tmp_path / "ok.gguf"))
+                                      if k.startswith("tokenizer.")])
+    data = (tmp_path / "ok.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 1000])
+    write_hf_folder(tmp_path / "hf")
+    tj = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
+    entry = tj["model"]["merges"][7]
+    tj["model"]["merges"][7] = entry.replace(" ", "") if isinstance(entry, str) else "".join(entry)
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(tj))
+    (tmp_path / "text").mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "text" / name).write_text("hello world " * 50)
+
+    cases = [(bad_merge, f"{bad_merge}: merge {merges[5].replace(' ', '')!r} is not two tokens separated by a space"),
+             (tmp_path / "hf", f"merge {tj['model']['merges'][7]!r} is not two tokens separated by a space"),
+             (tmp_path / "hf" / "tokenizer.json", "is not two tokens separated by a space"),
+             (no_merges, f"{no_merges} has no tokenizer.ggml.merges: a byte-level BPE cannot produce"),
+             (no_tokenizer, f"{no_tokenizer} holds no tokenizer (no tokenizer.ggml.model)"),
+             (tmp_path / "cut.gguf", f"cannot read GGUF file {tmp_path / 'cut.gguf'}: it is truncated or damaged")]
+    for model, message in cases:
+        prepare = ["--input", tmp_path / "text", "--out-dir", tmp_path / "d", "--tokenizer-from", model]
+        assert message in expect_user_error(load_prepare().main, prepare, capsys)
+        if not str(model).endswith("tokenizer.json"):
+            assert message in expect_user_error(sample.main, ["--ckpt", model, "--prompt", "x"], capsys)
+
+    # a tensor in a shard that model.safetensors.index.json does not list
+    cfg, sd = write_hf_folder(tmp_path / "sharded", shards=2)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    name = sorted(index["weight_map"])[0]
+    del index["weight_map"][name]
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps(index))
+    line = expect_user_error(sample.main, ["--ckpt", tmp_path / "sharded", "--prompt", "x"], capsys)
+    assert f"tensor {name} in " in line and "is not listed in model.safetensors.index.json" in line
+
+    line = expect_user_error(export.main, ["--ckpt", tmp_path / "ok.gguf", "--out", tmp_path / "x.pt"], capsys)
+    assert "is a GGUF model, not a checkpoint written by train.py" in line
 
 
 # ---------------------------------------------------------------------------------------------

@@ -456,6 +456,80 @@ def test_head_on_self_distilled_data(tiny, tmp_path, capsys):
     assert "written by another base model" in line
 
 
+def write_self_distilled(folder, data_dir, tokens, response, val_response=None):
+    """A self-distilled data folder as data/self_distill.py --prompts packs it, from given rows:
+    rows_00000.pt and val_rows_00000.pt, and a meta.json taken from the corpus in data_dir."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(data_dir, "meta.json")) as f:
+        meta = json.load(f)
+    meta.update(kind="self-distilled", val="rows", row_len=tokens.size(1), n_rows=tokens.size(0))
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    torch.save({"tokens": tokens, "response": response}, os.path.join(folder, "rows_00000.pt"))
+    torch.save({"tokens": tokens, "response": response if val_response is None else val_response},
+               os.path.join(folder, "val_rows_00000.pt"))
+    return str(folder)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_when_the_data_is_opened(tiny, tmp_path, capsys):
+    """Issue 18 case 3: an id past the vocabulary (or negative, or a float tensor) anywhere in the
+    data, even a single one, is one line naming the file and the value, at either stage: checked
+    over all of the data when it is opened, not found by the embedding or trained on unnoticed."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny["data"], data)
+    tokens = load_tokens(str(data / "train.bin"), "uint16").to(torch.int32)
+    tokens[31_000] = 65535  # one bad id, deep inside the file
+    (data / "train.bin").write_bytes(tokens.to(torch.uint16).numpy().tobytes())
+    base = ["--preset", "tiny", "--data-dir", data, "--out-dir", tmp_path / "b", *CPU]
+    line = expect_user_error(train_script.main, base, capsys)
+    assert "train.bin holds token id 65535 (token 31000), outside the vocabulary [0, 258)" in line
+    head = ["--stage", "head", "--preset", "tiny", "--data-dir", data, "--base-ckpt", tiny["base"],
+            "--out-dir", tmp_path / "h", *CPU]
+    assert "token id 65535" in expect_user_error(train_script.main, head, capsys)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "h").exists()
+
+    rows = torch.randint(0, 256, (6, 64), generator=torch.Generator().manual_seed(0))
+    answer = torch.ones(6, 64, dtype=torch.bool)
+    head[5] = tmp_path / "self"
+    for value, at in ((60000, (4, 50)), (-3, (0, 1))):
+        bad = rows.clone()
+        bad[at] = value
+        write_self_distilled(tmp_path / "self", data.parent / "data", bad, answer)
+        line = expect_user_error(train_script.main, head, capsys)
+        assert f"rows_00000.pt holds token id {value} (row {at[0]}, column {at[1]})" in line
+    nan = rows.float()
+    nan[2, 7] = float("nan")
+    write_self_distilled(tmp_path / "self", data.parent / "data", nan, answer)
+    line = expect_user_error(train_script.main, head, capsys)
+    assert "rows_00000.pt holds a 2-D torch.float32 tensor for its tokens, not integer ids" in line
+
+
+def test_head_needs_answers_as_long_as_a_block(tiny, tmp_path, capsys):
+    """Issue 18 case 4: self-distilled answers all shorter than one block (or a mask with no answer
+    at all) leave no anchor to train: one line saying what to change. Answers long enough in one
+    row only are enough: batches without a block are drawn again."""
+    rows = torch.randint(0, 256, (6, 64), generator=torch.Generator().manual_seed(0))
+    short = torch.zeros(6, 64, dtype=torch.bool)
+    short[:, 10:12] = short[:, 30:32] = True  # answers of 2 tokens: a block of 4 drafts 3
+    head = ["--stage", "head", "--preset", "tiny", "--data-dir", tmp_path / "self", "--base-ckpt", tiny["base"],
+            "--out-dir", tmp_path / "h", "--max-steps", 3, *CPU]
+    for response in (short, torch.zeros(6, 64, dtype=torch.bool)):
+        write_self_distilled(tmp_path / "self", tiny["data"], rows, response)
+        line = expect_user_error(train_script.main, head, capsys)
+        assert "no anchor fits in" in line and "a block of 4 needs 3 answer tokens in a row" in line
+        assert "smaller --draft-lens or generate longer answers" in line
+    held_out_short = short.clone()
+    held_out_short[:, 40:45] = True  # 5 in a row: K=4 fits anywhere, but K=6 finds no aligned anchor
+    write_self_distilled(tmp_path / "self", tiny["data"], rows, torch.ones(6, 64, dtype=torch.bool), held_out_short)
+    line = expect_user_error(train_script.main, head, capsys)
+    assert "val_rows_*.pt: a block of 6 needs 5 answer tokens in a row starting after a multiple of 6" in line
+    one_row = torch.zeros(6, 64, dtype=torch.bool)
+    one_row[0, 5:40] = True
+    write_self_distilled(tmp_path / "self", tiny["data"], rows, one_row)
+    _, log = train(head)
+    assert load(tmp_path / "h" / "ckpt.pt")["step"] == 3 and "val kl" in log
+
+
 def _replaced_base_resume(tiny, tmp_path):
     """An unfinished head run whose base file was later overwritten by a different model."""
     base_copy = tmp_path / "base.pt"
