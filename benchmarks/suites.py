@@ -409,6 +409,15 @@ class Bench:
             if K > room:  # as sample.py's --draft-len: a draft block must fit after the prompt
                 raise UserError(f"{flag} {K} exceeds the {room} positions left in the context after a {longest}-token "
                                 "prompt; use a shorter draft or prompt")
+        kinds = args.methods.split(",") if args.suite == "compare" else []
+        wider = ([(f"--draft-lens {K} with orthrus-fused", 2 * K, "a verify block and the next draft block")
+                  for K in draft_lens(args.draft_lens) if "orthrus-fused" in kinds]
+                 + [(f"--tree-nodes {n}", n + 1, "the tree and its root") for n in counts(args.tree_nodes, "--tree-nodes")
+                    if "orthrus-tree" in kinds])
+        for what, need, why in wider:
+            if need > room:
+                raise UserError(f"{what} needs {need} positions ({why}), more than the {room} left in the context "
+                                f"after a {longest}-token prompt; use a smaller value or a shorter prompt")
         self.device = device
 
 

@@ -34,6 +34,13 @@ def test_bench_draft_lens_beyond_the_context(tiny, tmp_path, capsys):
                                           "--max-new-tokens", 8, "--draft-lens", 4, "--draft-len", 60,
                                           "--device", "cpu"], capsys)
     assert "--draft-len 60 exceeds the 52 positions left in the context after a 12-token prompt" in line
+    # the variants whose passes are wider than K: a fused pass carries the next block, a tree its nodes
+    small = ["--ckpt", tiny["head"], "--prompt-len", 12, "--max-new-tokens", 8, "--device", "cpu", "--modes", "greedy"]
+    line = expect_user_error(bench.main, [*small, "--methods", "ar,orthrus-fused", "--draft-lens", 30], capsys)
+    assert "--draft-lens 30 with orthrus-fused needs 60 positions" in line and "more than the 52 left" in line
+    line = expect_user_error(bench.main, [*small, "--methods", "ar,orthrus-tree", "--draft-lens", 4,
+                                          "--tree-nodes", 60], capsys)
+    assert "--tree-nodes 60 needs 61 positions (the tree and its root), more than the 52 left" in line
 
 
 # ---------------------------------------------------------------------------------------------
