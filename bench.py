@@ -2,7 +2,8 @@
 Benchmarks with printed tables (never timed assertions). Everything compared is measured in the
 same run, interleaved, so ratios hold on a noisy machine; absolute numbers depend on the machine.
 
-    python bench.py --suite ar                    # AR decoding: KV cache vs recompute; training tok/s
+    python bench.py --suite ar                    # AR decoding: KV cache vs recompute (to the context,
+                                                  # at most 1,024 tokens, or --max-new-tokens); training tok/s
     python bench.py --suite compare --ckpt CKPT --draft-ckpt DRAFT
                                                   # AR, Orthrus K=4..32, two-model speculative decoding,
                                                   # prompt lookup: same base, prompts and run
@@ -21,6 +22,7 @@ Definitions used in every table:
                   costs measured in this run: the speedup the method can reach here
 """
 
+import argparse
 import json
 import os
 
@@ -41,7 +43,8 @@ def build_parser():
     p.add_argument("--chat", action="store_true", help="with --prompts: wrap each in the model's chat format, stop at its end of turn")
     p.add_argument("--num-prompts", type=int, default=10, help="held-out prompts to decode (the first N of --prompts, or val windows of --data-dir)")
     p.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated per prompt (suite ar: to the "
+                   "context, at most 1,024, unless given)")
     p.add_argument("--methods", default="ar,orthrus,draft-model,prompt-lookup", help="compare: which methods (AR always runs): ar, orthrus, orthrus-tree "
                    "(greedy only), orthrus-fused, draft-model, prompt-lookup")
     p.add_argument("--draft-lens", default="4,8,16,32", help="Orthrus draft lengths K to compare")
@@ -63,19 +66,37 @@ def build_parser():
     return p
 
 
+def given_flags(argv) -> set:
+    """The flags the command line sets explicitly (as dests): a parser whose defaults are all
+    suppressed returns only those."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    given = given_flags(argv)
+    if args.suite == "ar" and "num_prompts" in given:
+        raise UserError("--num-prompts is for --suite compare and ablations; --suite ar decodes one fixed prompt "
+                        "(--max-new-tokens and --repeats apply)")
+    if args.suite != "ar" and "methods" in given and "draft-model" in args.methods.split(",") and not args.draft_ckpt:
+        raise UserError("--methods draft-model needs --draft-ckpt PATH, the small model that drafts (train.py "
+                        "--preset draft)")
     check_draft_lens([args.draft_len], "--draft-len")
     for name in ("num_prompts", "prompt_len", "max_new_tokens", "repeats", "threads"):
         minimum = {"threads": 0}.get(name, 1)
         if getattr(args, name) < minimum:
             raise UserError(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(args, name)}")
     check_lists(args)  # every flag before anything is loaded
+    if args.suite == "ar" and "max_new_tokens" not in given:
+        args.max_new_tokens = None  # suite ar decodes to the context (at most 1,024 tokens) unless told
     if args.json and not os.access(os.path.dirname(os.path.abspath(args.json)), os.W_OK):
         raise UserError(f"--json {args.json}: cannot write into {os.path.dirname(os.path.abspath(args.json))}; "
                         "pass a path in a folder you can write to")
+    set_threads(args.threads)  # first: pick_device reports the thread count
     device = pick_device(args.device)
-    set_threads(args.threads)
     suite = {"ar": suite_ar, "compare": suite_compare, "ablations": suite_ablations}[args.suite]
     results = suite(args, device)
     if args.json:

@@ -7,6 +7,9 @@ defaults in --help, flags generated from config dataclasses, the shared flags de
 import argparse
 import contextlib
 import dataclasses
+import errno
+import fcntl  # flock, for hold_folder (POSIX: Linux, macOS)
+import os
 import sys
 
 import torch
@@ -20,7 +23,10 @@ from errors import UserError
 
 def run_cli(main, argv=None):
     """Run a script's main(argv), turning user mistakes into `error: ...` and exit code 2, and
-    Ctrl-C into one line and exit code 130."""
+    Ctrl-C into one line and exit code 130. Output into a closed pipe (`| head -1`) is dropped
+    quietly while the job goes on (PipeSafe), so a run still writes its files."""
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = PipeSafe(sys.stdout), PipeSafe(sys.stderr)
     try:
         return main(argv)
     except UserError as e:
@@ -29,6 +35,44 @@ def run_cli(main, argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        for stream in (sys.stdout, sys.stderr):  # what is still buffered, while a closed pipe is still caught
+            if isinstance(stream, PipeSafe):
+                stream.flush()
+        sys.stdout, sys.stderr = streams
+
+
+class PipeSafe:
+    """sys.stdout or sys.stderr, surviving a reader that goes away (`python sample.py ... | head -1`).
+    At the first BrokenPipeError the stream's file descriptor is pointed at os.devnull: what is
+    still buffered and everything printed later is dropped, the job carries on and writes its
+    files (a checkpoint, bench's --json), and Python's own flush at exit finds nothing to complain
+    about. Everything else is the wrapped stream's."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())
+        os.close(devnull)
+        self.stream.flush()  # the bytes the failed write left in the buffer go to devnull now
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -236,3 +280,81 @@ def fmt_time(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
+
+# ---------------------------------------------------------------------------------------------
+# Output folders: writable, and written by one run at a time
+
+# what a user fixes by picking another folder (or freeing space); any other OSError is not theirs
+WRITE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+LOCK_FILE = "run.lock"
+
+
+def check_writable(folder: str, flag: str):
+    """A folder a script will write into (created when missing), checked before any model is
+    loaded: not a file, and it (or the folder it will be created in) writable."""
+    if not folder:
+        raise UserError(f"{flag} is empty; pass a folder")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{flag} {folder} is a file; pass a folder")
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder}: cannot write into {existing}; pass a folder you can write to")
+
+
+@contextlib.contextmanager
+def writing_into(folder: str, flag: str):
+    """Writes into `folder` that fail for a reason the user fixes (no permission, a read-only or
+    full disk) end in one line. check_writable cannot see every such case: root passes every
+    permission check, and a disk fills up during a run."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise UserError(f"cannot write into {flag} {folder} ({e.strerror}); pass a folder you can write to") from None
+
+
+@contextlib.contextmanager
+def hold_folder(folder: str, flag: str = "--out-dir"):
+    """This run's hold on its output folder (created if missing): `run.lock`, locked with flock
+    and holding our pid. A second run into the same folder is refused in one line, naming the
+    first run's pid; the kernel drops the lock when its process dies however it dies, so the
+    lock file of a killed run is simply taken over. Taking the lock is also the first write into
+    the folder: a read-only one is refused here, before anything is loaded. The lock file is
+    removed at the end (and the folder, if this run created it and left it empty)."""
+    if not folder:
+        raise UserError(f"{flag} is empty; pass a folder")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{flag} {folder} is a file; pass a folder")
+    created = not os.path.isdir(folder)
+    path = os.path.join(folder, LOCK_FILE)
+    with writing_into(folder, flag):
+        os.makedirs(folder, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise UserError(f"{folder} is in use by another run (pid {pid}); wait for it to end or pass "
+                                f"another {flag}") from None
+            try:  # the previous holder removes the file as it ends: lock the file that is there now
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        yield folder
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # only if empty

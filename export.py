@@ -29,7 +29,7 @@ import torch
 
 from checkpoint import (HEAD_STORAGES, base_location, load_checkpoint, load_model, open_checkpoint, open_model, pack_head,
                         save_checkpoint, state_sha256)
-from cli import ArgumentParser, parse_dtype, run_cli
+from cli import ArgumentParser, check_writable, parse_dtype, run_cli, writing_into
 from errors import UserError
 from pretrained.official import export_official
 
@@ -104,12 +104,14 @@ def main(argv=None):
 def export_official_folder(args):
     if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
         raise UserError(f"--out {args.out} exists and is not an empty folder; pass a new folder")
+    check_writable(args.out, "--out")  # before the model is loaded
     base, head, tokenizer, info = open_model(args.ckpt)
     if head is None:
         raise UserError(f"{args.ckpt} has no diffusion head: train one with `python train.py --stage head`")
     source = info.get("path") if info.get("format") != "orthrus-head" else info["ckpt"]["base_path"]
     source = source if source and os.path.isdir(source) else None  # tokenizer files come from a HF folder, else are written
-    summary = export_official(base, head, args.out, tokenizer=tokenizer, source=source, dtype=parse_dtype(args.dtype))
+    with writing_into(args.out, "--out"):
+        summary = export_official(base, head, args.out, tokenizer=tokenizer, source=source, dtype=parse_dtype(args.dtype))
     print(f"wrote {args.out}: official Orthrus folder ({args.dtype}); {summary}")
     return args.out
 

@@ -14,6 +14,7 @@ thread, and two OpenMP threads slow down ~10x whenever another process keeps a c
 """
 
 import dataclasses
+import json
 import os
 import sys
 
@@ -39,8 +40,10 @@ def build_parser():
                    "pretrained base), a Hugging Face model folder, a .gguf file or an official Orthrus folder")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat format (ChatML) and stop "
                    "at its end of turn")
-    p.add_argument("--prompt", default=None, help=f"prompt text (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--prompt-file", default=None, help="read the prompt from this file instead")
+    p.add_argument("--prompt", default=None, help=f"prompt text (default: {DEFAULT_PROMPT!r}; with --chat: "
+                   f"{DEFAULT_CHAT_PROMPT!r})")
+    p.add_argument("--prompt-file", default=None, help="read the prompt from this file instead (- or /dev/stdin: "
+                   "from a pipe)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate (stops early at the context limit or end-of-text)")
     add_sampling_flags(p)
     add_runtime_flags(p, threads=1, dtypes=("float32", "float64", "bfloat16"))
@@ -119,11 +122,15 @@ def read_prompt(args):
     if args.prompt_file is not None:
         if os.path.isdir(args.prompt_file):
             raise UserError(f"prompt file {args.prompt_file!r} is a directory; pass a text file")
-        if not os.path.isfile(args.prompt_file):
+        if args.prompt_file != "-" and not os.path.exists(args.prompt_file):  # a pipe (/dev/stdin) is no regular file
             raise UserError(f"prompt file {args.prompt_file!r} not found")
+        if args.prompt_file == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(args.prompt_file, "rb") as f:
+                data = f.read()
         try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                return f.read()
+            return data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise UserError(f"prompt file {args.prompt_file!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if args.prompt is None:
@@ -152,6 +159,22 @@ def check_flags(args) -> Sampling:
     return Sampling(args.temperature, args.top_k, args.top_p)
 
 
+def holds_no_head(path) -> bool:
+    """A model known to have no diffusion head without loading it: a .gguf file, or a Hugging Face
+    folder whose config.json lacks the official Orthrus format's block_size and mask_token_id."""
+    if str(path).endswith(".gguf") and os.path.isfile(path):
+        return True
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        return False
+    try:
+        with open(config, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except ValueError:
+        return False  # open_model says what is wrong with it
+    return isinstance(cfg, dict) and "block_size" not in cfg and "mask_token_id" not in cfg
+
+
 def describe(stats):
     line = (f"{stats.method}: {stats.new_tokens} tokens in {stats.prefill_seconds + stats.decode_seconds:.2f}s "
             f"= {stats.tokens_per_second:.1f} tok/s (prefill {1000 * stats.prefill_seconds:.1f} ms)")
@@ -171,6 +194,9 @@ def main(argv=None):
     prompt_text = read_prompt(args)
     if args.chat and not prompt_text.strip():
         raise UserError("the prompt is empty: with --chat give the user's message as --prompt TEXT or --prompt-file")
+    if args.mode == "compare" and holds_no_head(args.ckpt):  # said now, not after seconds of loading
+        raise UserError(f"--mode compare needs a checkpoint with a diffusion head; {args.ckpt} is a plain model "
+                        "(train a head on it with `python train.py --stage head --base-ckpt PATH`)")
     device = pick_device(args.device, verbose=False)
     set_threads(args.threads)
     base, head, tokenizer, info = open_model(args.ckpt, device, parse_dtype(args.dtype), base_path=args.base)

@@ -11,8 +11,9 @@ Quick start (CPU, ~10 + ~10 minutes on 2 cores; data first: `python data/prepare
 One GPU:
     python train.py --preset gpu
     python train.py --stage head --preset gpu --base-ckpt out/base/ckpt.pt
-Resume an interrupted run exactly where its last checkpoint left it (its saved configuration;
-only --device and --max-steps may change, a larger --max-steps trains a finished run further):
+Resume an interrupted run exactly where its last checkpoint left it, from any folder (its saved
+configuration; only --device and --max-steps may change, a larger --max-steps trains a finished
+run further, and --data-dir says where the same data is now if it moved):
     python train.py --resume --out-dir out/base
     python train.py --resume --out-dir out/base --max-steps 1600
 A run whose loss turns NaN/inf stops at once (exit code 2) without saving the bad state.
@@ -38,8 +39,8 @@ import torch.nn.functional as F
 
 from benchmarks import estimate
 from checkpoint import build_base, clean_state_dict, load_checkpoint, same_tokenizer, save_checkpoint, state_sha256, tokenizer_model_tensor
-from cli import (ArgumentParser, add_dataclass_flags, autocast, dataclass_from, fmt_time, int_list, pick_autocast_dtype,
-                 pick_device, run_cli)
+from cli import (ArgumentParser, add_dataclass_flags, autocast, dataclass_from, fmt_time, hold_folder, int_list,
+                 pick_autocast_dtype, pick_device, run_cli)
 from decoding import sync_device
 from diffusion_head import DiffusionHead, check_draft_lens
 from errors import UserError
@@ -536,7 +537,8 @@ def build_parser():
                    help="named flag bundle per stage (see PRESETS): base cpu, gpu, draft (the speculative-decoding draft model), tiny; head cpu, gpu, tiny")
     p.add_argument("--resume", action="store_true",
                    help="continue the run whose checkpoint is in --out-dir with its saved configuration; only "
-                        "--device and --max-steps may change (other flags are reported as ignored). A larger "
+                        "--device and --max-steps may change, and --data-dir may say where the same data is now "
+                        "(other flags are reported as ignored). A larger "
                         "--max-steps extends a run, finished or not: the cosine schedule then runs to the new "
                         "--max-steps, so the learning rate rises again from where the old schedule had brought it")
     est = p.add_argument_group("estimate (head stage): print the memory and time a run needs, load nothing, train nothing")
@@ -600,7 +602,10 @@ def dry_run(args, cfg: TrainConfig) -> dict:
 
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]
-RESUME_FLAGS = ("device", "out_dir", "max_steps")  # what --resume takes from the command line
+HEAD_ONLY = ("base_ckpt", "draft_lens", "anchors", "anchors_per_seq", "loss", "loss_position_decay", "mask_first",
+             "loss_chunk_logits", "grad_checkpoint")  # TrainConfig fields only the head stage reads
+BASE_ONLY = ("compile",)
+RESUME_FLAGS = ("device", "out_dir", "max_steps", "data_dir")  # what --resume takes from the command line
 RESUME_FIELDS = ("train_config", "optimizer", "data_rng", "step")  # what it needs in the checkpoint
 
 
@@ -663,6 +668,15 @@ def configs_from_args(args):
     cfg = dataclass_from(TrainConfig, preset, flags)
     model_cfg = dataclass_from(GPTConfig, preset, flags)  # GPTConfig checks its own values
     check_train_config(cfg)
+    if not args.resume:  # a flag the stage does not use would be dropped without a word
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        unused = [flag(n) for n in (BASE_ONLY if stage == "head" else HEAD_ONLY) if flags.get(n, defaults[n]) != defaults[n]]
+        if unused and stage == "base":
+            raise UserError(f"{', '.join(unused)}: head-stage flag{'s' if len(unused) > 1 else ''}, unused by --stage "
+                            "base (which trains a new GPT); to train a diffusion head on a base, add --stage head")
+        if unused:
+            raise UserError(f"{', '.join(unused)}: base-stage flag{'s' if len(unused) > 1 else ''}, unused by --stage "
+                            "head (it trains without torch.compile); drop it")
     return cfg, model_cfg
 
 
@@ -679,8 +693,9 @@ def check_out_dir(cfg: TrainConfig):
 
 
 def resume_config(args, cfg: TrainConfig, resume_ckpt: dict) -> TrainConfig:
-    """The saved configuration, with --device, --out-dir and --max-steps from the command line;
-    every other explicitly given flag is reported as ignored (never dropped silently)."""
+    """The saved configuration, with --device, --out-dir, --max-steps and --data-dir (the same
+    data's new place) from the command line; every other explicitly given flag is reported as
+    ignored (never dropped silently)."""
     path = ckpt_path(cfg)
     missing = [k for k in RESUME_FIELDS if k not in resume_ckpt]
     head_kinds = ("orthrus", "orthrus-head")  # a head on one of our bases, or on a pretrained one
@@ -697,8 +712,8 @@ def resume_config(args, cfg: TrainConfig, resume_ckpt: dict) -> TrainConfig:
     given = {k: v for k, v in given.items() if saved_values.get(k, object()) != v}  # the same value is no news
     if given:
         shown = ", ".join(f"{flag(k)} {v}" for k, v in given.items())
-        print(f"ignored on --resume (the run keeps its saved configuration; only --device and --max-steps "
-              f"apply): {shown}")
+        print(f"ignored on --resume (the run keeps its saved configuration; only --device, --max-steps and "
+              f"--data-dir apply): {shown}")
     max_steps = saved.max_steps
     if args.max_steps is not None and args.max_steps != saved.max_steps:
         if args.max_steps < step:
@@ -707,8 +722,18 @@ def resume_config(args, cfg: TrainConfig, resume_ckpt: dict) -> TrainConfig:
         max_steps = args.max_steps
         print(f"--max-steps {max_steps} (was {saved.max_steps}): the cosine learning-rate schedule now runs to "
               f"step {max_steps}, so from step {step} on the learning rate follows the new curve")
+    data_dir = saved.data_dir  # absolute since it is stored so; a relative one (older runs) is read from here
+    if args.data_dir is not None and os.path.abspath(args.data_dir) != os.path.abspath(saved.data_dir):
+        data_dir = os.path.abspath(args.data_dir)
+        print(f"--data-dir {data_dir}: the run's data is read from here now (it was {saved.data_dir}); the "
+              "resume is exact only if this folder holds the same data")
+    elif not os.path.isdir(data_dir) and step < max_steps:  # (a finished run needs no data)
+        where = "" if os.path.isabs(data_dir) else f" from {os.getcwd()}"
+        raise UserError(f"the run's data folder {data_dir} is not found{where}: pass --data-dir with its place now "
+                        "(the same data)")
     # the run continues exactly as configured; only where to run it, and for how long, may change
-    cfg = dataclasses.replace(saved, device=cfg.device, out_dir=cfg.out_dir or saved.out_dir, max_steps=max_steps)
+    cfg = dataclasses.replace(saved, device=cfg.device, out_dir=cfg.out_dir or saved.out_dir, max_steps=max_steps,
+                              data_dir=data_dir)
     check_train_config(cfg)
     return cfg
 
@@ -722,6 +747,13 @@ def main(argv=None):
         return dry_run(args, cfg)
     pick_device(cfg.device, verbose=False)
     check_out_dir(cfg)
+    # one run per --out-dir at a time (rank 0 holds it for a torchrun job)
+    with hold_folder(out_dir(cfg)) if RANKS.rank == 0 else contextlib.nullcontext():
+        return start(args, cfg, model_cfg)
+
+
+def start(args, cfg: TrainConfig, model_cfg: GPTConfig):
+    """A fresh run, or the resumed one, once its --out-dir is held."""
     if not args.resume and os.path.exists(ckpt_path(cfg)):  # training never loses work
         raise UserError(f"{ckpt_path(cfg)} already exists: continue it with --resume (a larger --max-steps trains it "
                         "further), or pass another --out-dir")
@@ -729,6 +761,9 @@ def main(argv=None):
         raise UserError("--stage head needs --base-ckpt PATH (a checkpoint from `python train.py --stage base`)")
     if not args.resume:
         read_data_meta(cfg.data_dir)  # a missing or foreign data folder: one line, before any checkpoint is read
+        # stored absolute, so that --resume from another folder finds them
+        cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir), base_ckpt=os.path.abspath(
+            cfg.base_ckpt) if os.path.exists(cfg.base_ckpt) else cfg.base_ckpt)
     resume_ckpt = None
     if args.resume:
         resume_ckpt = load_checkpoint(ckpt_path(cfg))

@@ -106,6 +106,10 @@ def suite_ar(args, device):
     cfg = base.config
     prompt = list(range(1, 9))
     n_new = min(cfg.context_len, 1024) - len(prompt)  # to the context (a real model's 8K-40K: to 1,024)
+    n_new = n_new if args.max_new_tokens is None else min(args.max_new_tokens, cfg.context_len - len(prompt))
+    train_len = min(cfg.context_len, 1024)
+    print(f"suite ar: {n_new} new tokens with and without the KV cache, {args.repeats} repeat(s), then "
+          f"forward+backward steps of 4 x {train_len} tokens", flush=True)
     speeds = {"cache": [], "recompute": []}
     for _ in range(args.repeats):  # interleaved
         for name, use_cache in (("cache", True), ("recompute", False)):
@@ -115,7 +119,7 @@ def suite_ar(args, device):
                 "spread": spread(v)} for name, v in speeds.items()]
     for r in records:
         r["vs_recompute"] = r["tokens_per_s"] / records[1]["tokens_per_s"]
-    print(f"\n### AR decoding to {cfg.context_len} tokens ({base.num_params() / 1e6:.2f}M params, {machine(device)})\n")
+    print(f"\n### AR decoding to {len(prompt) + n_new} tokens ({base.num_params() / 1e6:.2f}M params, {machine(device)})\n")
     print(table([("decoder", "{decoder}"), ("new tokens", "{new_tokens}"), ("tokens/s", "{tokens_per_s:,.1f}"),
                  ("spread of repeats", "{spread:.0%}"), ("vs recompute", "{vs_recompute:.1f}x")], records))
     warn_if_noisy({r["decoder"]: r["spread"] for r in records})
@@ -124,15 +128,15 @@ def suite_ar(args, device):
 
     # training throughput: forward + backward of the same model, the CPU preset's batch
     train_model = GPT(cfg).to(device).train()
-    idx = torch.randint(0, cfg.vocab_size, (4, cfg.context_len + 1), device=device)
+    idx = torch.randint(0, cfg.vocab_size, (4, train_len + 1), device=device)
 
     def step():
         logits = train_model(idx[:, :-1], logits="all")
         F.cross_entropy(logits.reshape(-1, cfg.vocab_size), idx[:, 1:].reshape(-1)).backward()
 
-    t = timed(step, device, repeats=5, warmup=2)
-    results["train_tokens_per_s"] = idx.size(0) * cfg.context_len / t
-    print(f"\ntraining forward+backward (batch 4 x {cfg.context_len}, fp32): "
+    t = timed(step, device, repeats=args.repeats, warmup=min(2, args.repeats))
+    results["train_tokens_per_s"] = idx.size(0) * train_len / t
+    print(f"\ntraining forward+backward (batch 4 x {train_len}, fp32): "
           f"{results['train_tokens_per_s']:,.0f} tokens/s ({t:.2f} s/step)")
     return results
 
@@ -393,12 +397,47 @@ class Bench:
             self.data_dir = args.data_dir or self.info.get("data_dir")
             if not self.data_dir:
                 raise UserError("no prompts: pass --prompts FILE (JSONL or text) or --data-dir of prepared data")
+            if not args.data_dir and self.ckpt.get("data_kind") == "self-distilled":
+                self.data_dir = self_distilled_source(args.ckpt, self.data_dir)
             self.meta = read_data_meta(self.data_dir)
             if args.prompt_len + args.max_new_tokens > self.base.config.context_len:
                 raise UserError(f"--prompt-len {args.prompt_len} + --max-new-tokens {args.max_new_tokens} exceeds the "
                                 f"model's context of {self.base.config.context_len} tokens; shorten one of them")
             self.prompts = val_prompts(self.data_dir, self.meta, args.num_prompts, args.prompt_len)
+        longest = max(map(len, self.prompts))
+        room = self.base.config.context_len - longest
+        for flag, K in [("--draft-lens", K) for K in draft_lens(args.draft_lens)] + [("--draft-len", args.draft_len)]:
+            if K > room:  # as sample.py's --draft-len: a draft block must fit after the prompt
+                raise UserError(f"{flag} {K} exceeds the {room} positions left in the context after a {longest}-token "
+                                "prompt; use a shorter draft or prompt")
+        kinds = args.methods.split(",") if args.suite == "compare" else []
+        wider = ([(f"--draft-lens {K} with orthrus-fused", 2 * K, "a verify block and the next draft block")
+                  for K in draft_lens(args.draft_lens) if "orthrus-fused" in kinds]
+                 + [(f"--tree-nodes {n}", n + 1, "the tree and its root") for n in counts(args.tree_nodes, "--tree-nodes")
+                    if "orthrus-tree" in kinds])
+        for what, need, why in wider:
+            if need > room:
+                raise UserError(f"{what} needs {need} positions ({why}), more than the {room} left in the context "
+                                f"after a {longest}-token prompt; use a smaller value or a shorter prompt")
         self.device = device
+
+
+def self_distilled_source(ckpt_path, data_dir):
+    """The prepared corpus whose val split gives prompts for a head trained on self-distilled
+    data (corpus mode: its source_data_dir). A head trained on answers to prompts has no corpus:
+    one line naming the held-out prompts to pass instead."""
+    meta = read_data_meta(data_dir) if os.path.isfile(os.path.join(data_dir, "meta.json")) else {}
+    if meta.get("source_data_dir"):
+        return meta["source_data_dir"]
+    chat, prompts = " --chat" if meta.get("chat", True) else "", meta.get("prompts")
+    if prompts and os.path.isdir(prompts):  # a data/chat_prompts.py folder
+        held_out = os.path.join(prompts, "heldout.jsonl") + chat
+    elif prompts:  # a prompt file, split by the same rule chat_prompts.py writes out
+        held_out = f"DIR/heldout.jsonl{chat} after `python data/chat_prompts.py --input {prompts} --out-dir DIR`"
+    else:
+        held_out = f"FILE{chat} (e.g. the heldout.jsonl that data/chat_prompts.py writes)"
+    raise UserError(f"{ckpt_path} was trained on the base's answers to prompts (data/self_distill.py --prompts), not "
+                    f"on a corpus: benchmark it on held-out prompts, --prompts {held_out}")
 
 
 def counts(text, flag, minimum=1):
@@ -436,6 +475,9 @@ def compare_methods(args, bench: Bench):
         methods += [orthrus_fused_method(bench.base, bench.head, K) for K in draft_lens(args.draft_lens)]
     if "draft-model" in kinds and bench.draft_model is not None:
         methods += [draft_model_method(bench.base, bench.draft_model, g) for g in counts(args.gammas, "--gammas")]
+    elif "draft-model" in kinds:  # in the default --methods (bench.py refuses it asked for by name)
+        print("note: two-model speculative decoding (draft-model) skipped: it needs --draft-ckpt, a small model "
+              "(train.py --preset draft)")
     if "prompt-lookup" in kinds:
         methods += [prompt_lookup_method(g) for g in counts(args.lookup_gammas, "--lookup-gammas")]
     return methods

@@ -51,7 +51,7 @@ ROOT = os.path.dirname(DATA)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # so `python data/chat_prompts.py` finds the repository's modules
 
-from cli import ArgumentParser, run_cli  # noqa: E402
+from cli import ArgumentParser, check_writable, run_cli, writing_into  # noqa: E402
 from data.corpus import find_files, read_utf8, stdlib_root  # noqa: E402
 from data.prompts import read_prompt_file, record, sha, split_prompts  # noqa: E402,F401 (read_prompt_file: tests use it here)
 from errors import UserError  # noqa: E402
@@ -309,8 +309,7 @@ def main(argv=None):
         raise UserError("--max-prompts must be >= 0 and --max-chars >= 1")
     if not 0.0 < args.heldout_fraction < 1.0:
         raise UserError(f"--heldout-fraction must be in (0, 1), got {args.heldout_fraction}")
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise UserError(f"--out-dir {args.out_dir!r} is a file; pass a folder")
+    check_writable(args.out_dir, "--out-dir")  # before the prompts are read or built
     if args.input:
         records = read_prompt_file(args.input, args.format)
         n_read = len(records)
@@ -329,9 +328,10 @@ def main(argv=None):
             raise UserError(f"--groups {args.groups!r}: pick from {', '.join(GROUPS)}, comma-separated")
         records = builtin_prompts(groups, args.max_chars)
     train, heldout = split_prompts(records, args.heldout_fraction, args.max_prompts or None)
-    os.makedirs(args.out_dir, exist_ok=True)
-    write_jsonl(os.path.join(args.out_dir, "train.jsonl"), train)
-    write_jsonl(os.path.join(args.out_dir, "heldout.jsonl"), heldout)
+    with writing_into(args.out_dir, "--out-dir"):
+        os.makedirs(args.out_dir, exist_ok=True)
+        write_jsonl(os.path.join(args.out_dir, "train.jsonl"), train)
+        write_jsonl(os.path.join(args.out_dir, "heldout.jsonl"), heldout)
     counts = {}
     for split, rs in (("train", train), ("heldout", heldout)):
         for r in rs:
@@ -342,7 +342,8 @@ def main(argv=None):
             "groups": None if args.input else args.groups, "max_prompts": args.max_prompts,
             "max_chars": args.max_chars, "heldout_fraction": args.heldout_fraction,
             "python": sys.version.split()[0]}
-    with open(os.path.join(args.out_dir, "info.json"), "w", encoding="utf-8") as f:
+    with writing_into(args.out_dir, "--out-dir"), open(os.path.join(args.out_dir, "info.json"), "w",
+                                                        encoding="utf-8") as f:
         json.dump(info, f, indent=1)
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(counts.get("train", {}).items()))
     print(f"{len(train)} training prompts ({kinds}) and {len(heldout)} held-out prompts -> {args.out_dir}")

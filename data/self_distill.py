@@ -76,7 +76,8 @@ DATA = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(DATA))  # the repository root
 
 from checkpoint import build_base, load_checkpoint, open_model, save_checkpoint, state_sha256  # noqa: E402
-from cli import ArgumentParser, add_runtime_flags, add_sampling_flags, fmt_time, pick_device, run_cli, set_threads  # noqa: E402
+from cli import (ArgumentParser, add_runtime_flags, add_sampling_flags, fmt_time, hold_folder, pick_device, run_cli,  # noqa: E402
+                 set_threads, writing_into)
 from data.prompts import read_prompt_file, read_prompt_folder, split_prompts  # noqa: E402
 from errors import UserError  # noqa: E402
 from orthrus import generate_batch  # noqa: E402
@@ -159,9 +160,9 @@ def run_corpus(args):
             saved = json.load(f)
         if {k: saved.get(k) for k in out_meta if k != "n_rows"} != out_meta:
             raise UserError(f"{args.out_dir} holds rows of another configuration or base; pick a new --out-dir")
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(meta_path, "w") as f:
-        json.dump(out_meta, f, indent=1)
+    with writing_into(args.out_dir, "--out-dir"):
+        with open(meta_path, "w") as f:
+            json.dump(out_meta, f, indent=1)
 
     n_shards = -(-max(1, args.tokens // row_len) // args.batch_size)
     # every shard's prompts and sampler come from its own seed: a resumed run writes the same rows
@@ -175,14 +176,15 @@ def run_corpus(args):
         prompts = torch.stack([train[s : s + args.prompt_len].long() for s in starts]).to(device)
         shard_sampling = Sampling(args.temperature, args.top_k, 1.0, torch.Generator(device=device).manual_seed(g.initial_seed() + 1))
         answers, _ = generate_batch(base, prompts.tolist(), row_len - args.prompt_len, shard_sampling)
-        save_checkpoint(torch.cat([prompts.cpu(), torch.tensor(answers, dtype=torch.long)], 1), path)
+        with writing_into(args.out_dir, "--out-dir"):  # a disk that fills up
+            save_checkpoint(torch.cat([prompts.cpu(), torch.tensor(answers, dtype=torch.long)], 1), path)
         made += 1
         rate = made * args.batch_size * (row_len - args.prompt_len) / (time.time() - t0)
         left = sum(not os.path.exists(os.path.join(args.out_dir, f"rows_{i:05d}.pt")) for i in range(n_shards))
         print(f"shard {shard + 1}/{n_shards} | {rate:,.0f} generated tok/s | ETA "
               f"{fmt_time(left * args.batch_size * (row_len - args.prompt_len) / rate)}", flush=True)
     out_meta["n_rows"] = n_shards * args.batch_size
-    with open(meta_path, "w") as f:
+    with writing_into(args.out_dir, "--out-dir"), open(meta_path, "w") as f:
         json.dump(out_meta, f, indent=1)
     print(f"done: {out_meta['n_rows']} rows of {row_len} tokens in {args.out_dir}")
     return 0
@@ -236,6 +238,23 @@ RESUME_KEYS = ("kind", "mode", "base_sha256", "tokenizer_sha256", "vocab_size", 
                "chat", "stop_ids", "temperature", "top_k", "top_p", "seed", "max_new_tokens", "batch_size")
 
 
+def check_same_job(out_dir, meta_path, meta: dict):
+    """A rerun into a folder that holds a meta.json must be the same job: every RESUME_KEYS entry
+    of `meta` equals the saved one (one line naming the first that differs)."""
+    if not os.path.exists(meta_path):
+        return
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except ValueError:
+        raise UserError(f"{meta_path} is not readable JSON; pick a new --out-dir") from None
+    diff = [k for k in RESUME_KEYS if k in meta and saved.get(k) != meta[k]]
+    if diff:
+        k = diff[0]
+        raise UserError(f"{out_dir} was made with other settings ({k} {str(saved.get(k))[:40]!r} there, "
+                        f"{str(meta.get(k))[:40]!r} now); rerun with the same flags or pick a new --out-dir")
+
+
 def pack(conversations, row_len: int, fill_id: int):
     """Conversations [(ids, response mask)] -> (tokens LongTensor (N, row_len), response BoolTensor
     (N, row_len), fill): concatenated in order and cut into rows; the last row is filled up with
@@ -286,6 +305,12 @@ def run_prompts(args):
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UserError(f"--out-dir {args.out_dir!r} is a file; pass a folder")
     train, heldout, prompts_sha = load_prompts(args.prompts, args.max_prompts)
+    meta_path = os.path.join(args.out_dir, "meta.json")
+    # the settings that need no model, compared before it loads (the rest once it has)
+    check_same_job(args.out_dir, meta_path, {"kind": "self-distilled", "mode": "prompts", "prompts_sha256": prompts_sha,
+                                             "max_prompts": args.max_prompts, "temperature": args.temperature,
+                                             "top_k": args.top_k, "top_p": top_p, "seed": args.seed,
+                                             "max_new_tokens": max_new, "batch_size": batch_size})
     device = pick_device(args.device)
     t_load = time.time()
     base, tok, about = load_base_for_prompts(path, device)
@@ -328,23 +353,14 @@ def run_prompts(args):
             "seed": args.seed, "max_new_tokens": max_new, "batch_size": batch_size,
             "n_prompts": {"train": len(train), "heldout": len(heldout), "skipped_too_long": skipped},
             "n_shards": len(shards)}
-    meta_path = os.path.join(args.out_dir, "meta.json")
     if os.path.exists(meta_path):  # resuming: it must be the same job
-        try:
-            with open(meta_path, encoding="utf-8") as f:
-                saved = json.load(f)
-        except ValueError:
-            raise UserError(f"{meta_path} is not readable JSON; pick a new --out-dir") from None
-        diff = [k for k in RESUME_KEYS if saved.get(k) != meta.get(k)]
-        if diff:
-            k = diff[0]
-            raise UserError(f"{args.out_dir} was made with other settings ({k} {str(saved.get(k))[:40]!r} there, "
-                            f"{str(meta.get(k))[:40]!r} now); rerun with the same flags or pick a new --out-dir")
+        check_same_job(args.out_dir, meta_path, meta)
     elif os.path.isdir(args.out_dir) and any(f.startswith(("gen_", "rows_", "val_rows_")) for f in os.listdir(args.out_dir)):
         raise UserError(f"{args.out_dir} holds shards but no meta.json; pick a new --out-dir")
-    os.makedirs(args.out_dir, exist_ok=True)
     if not os.path.exists(meta_path):
-        write_json(meta_path, meta)
+        with writing_into(args.out_dir, "--out-dir"):
+            os.makedirs(args.out_dir, exist_ok=True)  # (held by this run, unless --pack-into reads it)
+            write_json(meta_path, meta)
 
     if args.pack_into:  # what exists so far, elsewhere: head training can start while generation goes on
         present = [s for s in range(len(shards)) if os.path.exists(os.path.join(args.out_dir, f"gen_{s:05d}.jsonl"))]
@@ -364,11 +380,12 @@ def run_prompts(args):
         answers, stopped = generate_batch(base, [it["prompt_ids"] for it in batch], max_new, sampling, stop_ids,
                                           pad_id=tok.eot_id)
         shard_path = os.path.join(args.out_dir, f"gen_{s:05d}.jsonl")
-        with open(shard_path + ".tmp", "w", encoding="utf-8") as f:
-            for it, a, st in zip(batch, answers, stopped):
-                f.write(json.dumps({**it, "response_ids": a, "stopped": st, "response": tok.decode(a)},
-                                   ensure_ascii=False) + "\n")
-        os.replace(shard_path + ".tmp", shard_path)
+        with writing_into(args.out_dir, "--out-dir"):  # a disk that fills up
+            with open(shard_path + ".tmp", "w", encoding="utf-8") as f:
+                for it, a, st in zip(batch, answers, stopped):
+                    f.write(json.dumps({**it, "response_ids": a, "stopped": st, "response": tok.decode(a)},
+                                       ensure_ascii=False) + "\n")
+            os.replace(shard_path + ".tmp", shard_path)
         made_tokens += sum(map(len, answers))
         made_prompts += len(batch)
         left_prompts -= len(batch)
@@ -400,12 +417,13 @@ def pack_shards(src_dir, out_dir, shard_ids, meta, row_len, rows_per_file, tok, 
         raise UserError(f"the shards packed so far hold no {'training' if not split_recs['train'] else 'held-out'} "
                         "answers yet; wait for more shards")
     tokens, response, fill = pack([conversation(r, end_id) for r in split_recs["train"]], row_len, tok.eot_id)
-    for i in range(0, tokens.size(0), rows_per_file):
-        save_checkpoint({"tokens": tokens[i:i + rows_per_file].clone(),
-                         "response": response[i:i + rows_per_file].clone()},
-                        os.path.join(out_dir, f"rows_{i // rows_per_file:05d}.pt"))
     val_tokens, val_response, _ = pack([conversation(r, end_id) for r in split_recs["heldout"]], row_len, tok.eot_id)
-    save_checkpoint({"tokens": val_tokens, "response": val_response}, os.path.join(out_dir, "val_rows_00000.pt"))
+    with writing_into(out_dir, "--out-dir" if expected is not None else "--pack-into"):  # a disk that fills up
+        for i in range(0, tokens.size(0), rows_per_file):
+            save_checkpoint({"tokens": tokens[i:i + rows_per_file].clone(),
+                             "response": response[i:i + rows_per_file].clone()},
+                            os.path.join(out_dir, f"rows_{i // rows_per_file:05d}.pt"))
+        save_checkpoint({"tokens": val_tokens, "response": val_response}, os.path.join(out_dir, "val_rows_00000.pt"))
 
     n_resp = sum(len(r["response_ids"]) for r in records)
     n_stop = sum(r["stopped"] for r in records)
@@ -432,7 +450,11 @@ def main(argv=None):
     if args.threads < 0:
         raise UserError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
     set_threads(args.threads)
-    return run_prompts(args) if args.prompts else run_corpus(args)
+    # the folder this run writes, held before anything is loaded: one run at a time, and a
+    # read-only folder is refused now (--pack-into only reads --out-dir, where generation goes on)
+    folder, flag = (args.pack_into, "--pack-into") if args.prompts and args.pack_into else (args.out_dir, "--out-dir")
+    with hold_folder(folder, flag):
+        return run_prompts(args) if args.prompts else run_corpus(args)
 
 
 if __name__ == "__main__":
