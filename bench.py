@@ -36,6 +36,8 @@ def build_parser():
     p = ArgumentParser(__doc__)
     p.add_argument("--suite", default="compare", choices=["ar", "compare", "ablations"], help="which benchmark to run")
     p.add_argument("--ckpt", default="", help="base+head checkpoint (suite ar: optional, else a fresh CPU-preset model)")
+    p.add_argument("--base", default=None, help="a head for a pretrained base: where the base is, if it moved from "
+                   "where the head recorded it")
     p.add_argument("--draft-ckpt", default="", help="draft model for two-model speculative decoding (train.py --preset draft)")
     p.add_argument("--data-dir", default="", help="prepared data whose val split gives the prompts (default: the checkpoint's)")
     p.add_argument("--prompts", default="", help="a prompt file instead (JSONL with a \"prompt\" field, e.g. data/chat_prompts.py's "

@@ -385,7 +385,7 @@ def block_loss(head, base: GPT, idx, anchors, weight, K: int, cfg: TrainConfig, 
 
 
 def train_head(cfg: TrainConfig, resume_ckpt=None):
-    base_path = resume_ckpt["base_ckpt"] if resume_ckpt is not None else cfg.base_ckpt  # main() checked it is given
+    base_path = cfg.base_ckpt  # main() checked it is given; on --resume, resume_config set it
     draft_lens = parse_draft_lens(cfg.draft_lens)
     if cfg.seq_len:  # now, before loading; the default length is checked once it is known
         check_draft_fits(draft_lens, cfg.seq_len)
@@ -605,7 +605,7 @@ MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "voca
 HEAD_ONLY = ("base_ckpt", "draft_lens", "anchors", "anchors_per_seq", "loss", "loss_position_decay", "mask_first",
              "loss_chunk_logits", "grad_checkpoint")  # TrainConfig fields only the head stage reads
 BASE_ONLY = ("compile",)
-RESUME_FLAGS = ("device", "out_dir", "max_steps", "data_dir")  # what --resume takes from the command line
+RESUME_FLAGS = ("device", "out_dir", "max_steps", "data_dir", "base_ckpt")  # what --resume takes from the command line
 RESUME_FIELDS = ("train_config", "optimizer", "data_rng", "step")  # what it needs in the checkpoint
 
 
@@ -731,9 +731,17 @@ def resume_config(args, cfg: TrainConfig, resume_ckpt: dict) -> TrainConfig:
         where = "" if os.path.isabs(data_dir) else f" from {os.getcwd()}"
         raise UserError(f"the run's data folder {data_dir} is not found{where}: pass --data-dir with its place now "
                         "(the same data)")
+    base_ckpt = resume_ckpt.get("base_ckpt", "")  # a head's base, where it was when the run started
+    if args.base_ckpt is not None and base_ckpt and os.path.abspath(args.base_ckpt) != os.path.abspath(base_ckpt):
+        base_ckpt = os.path.abspath(args.base_ckpt)
+        print(f"--base-ckpt {base_ckpt}: the run's base is read from here now (it was {resume_ckpt['base_ckpt']}); "
+              "its hash must match")
+    elif base_ckpt and not os.path.exists(base_ckpt) and step < max_steps:
+        raise UserError(f"this run's base {base_ckpt} is not found (moved?): pass --base-ckpt with its place now "
+                        "(the same base: its hash is checked)")
     # the run continues exactly as configured; only where to run it, and for how long, may change
     cfg = dataclasses.replace(saved, device=cfg.device, out_dir=cfg.out_dir or saved.out_dir, max_steps=max_steps,
-                              data_dir=data_dir)
+                              data_dir=data_dir, base_ckpt=base_ckpt or saved.base_ckpt)
     check_train_config(cfg)
     return cfg
 

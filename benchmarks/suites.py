@@ -356,7 +356,7 @@ class Bench:
         if not args.ckpt:
             raise UserError(f"--suite {args.suite} needs --ckpt PATH of a base+head checkpoint (train.py --stage head)")
         prompt_texts = [r["prompt"] for r in read_prompt_file(args.prompts)] if args.prompts else None  # fails before loading
-        self.base, self.head, self.tokenizer, self.info = open_model(args.ckpt, device, dtype)
+        self.base, self.head, self.tokenizer, self.info = open_model(args.ckpt, device, dtype, base_path=args.base)
         prepack_bf16_linears(self.base, *([self.head] if self.head is not None else []))  # bf16 on a CPU
         self.ckpt = self.info.get("ckpt") or {}
         if self.head is None:

@@ -620,3 +620,24 @@ def test_resume_a_head_on_a_pretrained_base(tmp_path):
     assert resumed["kind"] == "orthrus-head" and resumed["step"] == 4
     for key in ("head", "optimizer", "data_rng", "base_sha256"):
         assert_identical(straight[key], resumed[key], key)
+
+
+
+def test_resume_a_head_whose_base_moved(tmp_path, capsys):
+    """Issue 18 case 12: the recorded base is gone -> one line naming it and --base-ckpt; with
+    --base-ckpt at its new place the run resumes (the hash still guards against another base)."""
+    from test_pretrained import write_hf_folder
+
+    folder = tmp_path / "qwen3"
+    write_hf_folder(str(folder))
+    data = prepare_data(write_corpus(tmp_path / "text", n_files=2, chars_per_file=3000), tmp_path / "data",
+                        "--tokenizer-from", folder)
+    train(["--stage", "head", "--preset", "tiny", "--base-ckpt", folder, "--data-dir", data, "--seq-len", 64, *CPU,
+           "--out-dir", tmp_path / "run", "--max-steps", 2])
+    moved = tmp_path / "moved"
+    shutil.move(str(folder), str(moved))
+    resume = ["--resume", "--out-dir", tmp_path / "run", "--max-steps", 3, "--device", "cpu"]
+    line = expect_user_error(train_script.main, resume, capsys)
+    assert str(folder) in line and "--base-ckpt" in line
+    train(resume + ["--base-ckpt", moved])
+    assert load(tmp_path / "run" / "ckpt.pt")["step"] == 3
