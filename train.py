@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import estimate
-from checkpoint import build_base, clean_state_dict, load_checkpoint, same_tokenizer, save_checkpoint, state_sha256, tokenizer_model_tensor
+from checkpoint import (build_base, build_head, clean_state_dict, load_checkpoint, same_tokenizer, save_checkpoint,
+                        state_sha256, tokenizer_model_tensor, unpack_head)
 from cli import (ArgumentParser, add_dataclass_flags, autocast, dataclass_from, fmt_time, hold_folder, int_list,
                  pick_autocast_dtype, pick_device, run_cli)
 from decoding import sync_device
@@ -87,6 +88,9 @@ class TrainConfig:
     loss_position_decay: float = config_field(0.0, "head: weight block index i by exp(-i / decay) in the training loss, "
                                               "rescaled to mean 1 (0 = uniform, the paper's objective; an ablation, "
                                               "not in the paper)")
+    init_head: str = config_field("", "head: start from the weights of this head checkpoint (one trained before on "
+                                  "the same base, e.g. checkpoints/smollm2_head.pt), with a fresh optimizer and "
+                                  "schedule; --resume continues a run exactly instead")
     mask_first: float = config_field(0.0, "head: fraction of training blocks that open with MASK instead of the "
                                      "pending token (the layout of a block drafted before that token is known, for "
                                      "one-forward-per-cycle decoding; 0 = the paper's blocks only)")
@@ -428,6 +432,15 @@ def train_head(cfg: TrainConfig, resume_ckpt=None):
     optimizer = make_optimizer(head, cfg, device)
     gen = torch.Generator().manual_seed(cfg.seed)
     start = restore(resume_ckpt, "head", head, optimizer, gen)
+    if resume_ckpt is None and cfg.init_head:  # a warm start: an earlier head of this base, maybe a shipped one
+        init = load_checkpoint(cfg.init_head)
+        if init.get("base_sha256") != base_hash:
+            raise UserError(f"--init-head {cfg.init_head} was trained on another base (sha256 differs from "
+                            f"{base_hash[:12]}...); pass a head of {base_path}")
+        state = init["head"] if "head_storage" not in init else unpack_head(init["head"], base.state_dict(),
+                                                                            init["head_storage"])
+        head.load_state_dict(build_head(dict(init, head=state), base, device, torch.float32).state_dict())
+        print(f"head initialised from {cfg.init_head} (trained {init.get('step', '?')} steps before)")
     n_head, n_base = sum(p.numel() for p in head.parameters()), base.num_params()
     print(f"head: {n_head / 1e6:.2f}M trainable parameters = {100 * n_head / (n_head + n_base):.1f}% of base+head "
           f"({n_base / 1e6:.2f}M frozen); draft lengths {draft_lens}, anchors {cfg.anchors}, loss {cfg.loss}")
@@ -602,7 +615,7 @@ def dry_run(args, cfg: TrainConfig) -> dict:
 
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]
-HEAD_ONLY = ("base_ckpt", "draft_lens", "anchors", "anchors_per_seq", "loss", "loss_position_decay", "mask_first",
+HEAD_ONLY = ("base_ckpt", "init_head", "draft_lens", "anchors", "anchors_per_seq", "loss", "loss_position_decay", "mask_first",
              "loss_chunk_logits", "grad_checkpoint")  # TrainConfig fields only the head stage reads
 BASE_ONLY = ("compile",)
 RESUME_FLAGS = ("device", "out_dir", "max_steps", "data_dir", "base_ckpt")  # what --resume takes from the command line

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import cli
+import export
 import train as train_script
 from checkpoint import load_checkpoint, load_model, save_checkpoint, state_sha256
 from cli import run_cli
@@ -621,6 +622,34 @@ def test_resume_a_head_on_a_pretrained_base(tmp_path):
     for key in ("head", "optimizer", "data_rng", "base_sha256"):
         assert_identical(straight[key], resumed[key], key)
 
+
+
+def test_init_head_warm_starts_from_an_exported_compressed_head(tmp_path, capsys):
+    """--init-head: a new run starts from an earlier head of the same base (here one exported in 4
+    bits, as the shipped SmolLM2 head is), so training continues across sessions without the
+    optimizer state; a head of another base is refused."""
+    from test_pretrained import write_hf_folder
+
+    folder = tmp_path / "qwen3"
+    write_hf_folder(str(folder))
+    data = prepare_data(write_corpus(tmp_path / "text", n_files=2, chars_per_file=3000), tmp_path / "data",
+                        "--tokenizer-from", folder)
+    flags = ["--stage", "head", "--preset", "tiny", "--base-ckpt", folder, "--data-dir", data, "--seq-len", 64, *CPU]
+    train(flags + ["--out-dir", tmp_path / "first", "--max-steps", 3])
+    export.main(["--ckpt", str(tmp_path / "first" / "ckpt.pt"), "--out", str(tmp_path / "small.pt"),
+                 "--head-storage", "int4-delta"])
+    _, log = train(flags + ["--out-dir", tmp_path / "second", "--max-steps", 1, "--lr", 1e-12,
+                            "--init-head", tmp_path / "small.pt"])
+    assert "head initialised from" in log
+    first, second = load(tmp_path / "first" / "ckpt.pt")["head"], load(tmp_path / "second" / "ckpt.pt")["head"]
+    for name in first:  # one step at lr 1e-12 leaves the warm start where the 4-bit copy put it
+        torch.testing.assert_close(second[name], first[name], rtol=0, atol=0.05)
+    bad = load(tmp_path / "small.pt")
+    bad["base_sha256"] = "0" * 64
+    torch.save(bad, tmp_path / "bad.pt")
+    line = expect_user_error(train_script.main, flags + ["--out-dir", tmp_path / "third", "--init-head",
+                                                         tmp_path / "bad.pt"], capsys)
+    assert "--init-head" in line and "another base" in line
 
 
 def test_resume_a_head_whose_base_moved(tmp_path, capsys):
