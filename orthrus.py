@@ -82,6 +82,7 @@ def generate_speculative(base: GPT, drafter, prompt: list, max_new_tokens: int, 
         block = torch.cat([drafts.new_tensor([pending]), drafts]).view(1, n + 1)
         tree = None if parents is None else tree_layout(parents, block.device)
         if getattr(drafter, "verify", None) is not None:  # it drafts the next block in this same pass
+            assert parents is None, "a drafter that runs the verify pass itself proposes chains"
             target_logits = drafter.verify(cache, block)
         else:
             target_logits = base(block, cache, logits="all", tree=tree)[0]  # (n+1, V): row i follows block token i
@@ -125,9 +126,9 @@ def generate_orthrus(base: GPT, head: DiffusionHead, prompt: list, max_new_token
 
 
 def prefill(base: GPT, prompt: list, limit: int, sampling: Sampling, use_cache: bool = True):
-    """The AR view over the prompt: a new cache holding [0, s), sized for the prompt plus the at
-    most `limit` new tokens (the last committed token is never written, and a block never runs past
-    it), and the first new token, committed but pending. Returns (cache or None, pending token, seconds)."""
+    """The AR view over the prompt: a new cache holding [0, s), sized for the prompt plus `limit`
+    positions (the new tokens, and for a token tree the nodes its verify block may hold beyond
+    them), and the first new token, committed but pending. Returns (cache or None, pending token, seconds)."""
     device = base.lm_head.weight.device
     t0 = time.perf_counter()
     cache = base.new_cache(capacity=len(prompt) + limit) if use_cache else None

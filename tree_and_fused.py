@@ -20,7 +20,7 @@ import heapq
 import torch
 import torch.nn.functional as F
 
-from diffusion_head import DRAFT_LEN, DiffusionHead
+from diffusion_head import DRAFT_LEN, DiffusionHead, prefix_and_block_attention
 from errors import UserError
 from model import GPT, offset_causal_mask
 from orthrus import DiffusionDrafter, Proposal
@@ -95,7 +95,7 @@ class FusedDiffusionDrafter(DiffusionDrafter):
     def __init__(self, base: GPT, head: DiffusionHead, draft_len: int = DRAFT_LEN, foresee=(0, 1, 2)):
         super().__init__(base, head, draft_len)
         self.foresee = sorted(set(foresee))
-        self.prepared = {}  # position of the next pending token -> its block's draft logits (K, V)
+        self.prepared = {}  # position of the next pending token -> its block's normed hidden states (K, n_embd)
 
     def verify(self, cache, block: torch.Tensor) -> torch.Tensor:
         s, n, K = cache.length, block.size(1) - 1, self.max_drafts + 1
@@ -104,17 +104,17 @@ class FusedDiffusionDrafter(DiffusionDrafter):
         if not starts:
             self.prepared = {}
             return self.base(block, cache, logits="all")[0]
-        ar_logits, draft_logits = verify_and_draft(self.head, self.base, cache, block, starts, K)
-        self.prepared = {s + 1 + j: logits for j, logits in zip(starts, draft_logits)}
+        ar_logits, draft_hidden = verify_and_draft(self.head, self.base, cache, block, starts, K)
+        self.prepared = {s + 1 + j: hidden for j, hidden in zip(starts, draft_hidden)}
         return ar_logits
 
     @torch.no_grad()
     def propose(self, cache, sequence: list, n: int, sampling: Sampling) -> Proposal:
-        logits = self.prepared.pop(cache.length, None)
+        hidden = self.prepared.pop(cache.length, None)
         self.prepared = {}
-        if logits is None:  # this acceptance was not foreseen: an ordinary draft pass
+        if hidden is None:  # this acceptance was not foreseen: an ordinary draft pass
             return super().propose(cache, sequence, n, sampling)
-        logits = logits[:n]  # row i drafts position s+i+1, s = the pending token's position
+        logits = self.base.lm_head(hidden[:n])  # row i drafts position s+i+1, s = the pending token's position
         if sampling.is_greedy:
             return Proposal(greedy(logits), None, 0)
         p_draft = sampling.probs(logits)
@@ -133,8 +133,9 @@ def verify_and_draft(head: DiffusionHead, base: GPT, cache, block: torch.Tensor,
     Position s+j+1 will hold the AR view's bonus token, unknown while the pass runs, hence the
     MASK there (train.py --mask-first teaches this layout). Both views share the MLPs, so the
     rows of both go through each MLP together.
-    Returns (AR logits (T, V), draft logits (len(starts), K, V)); draft row i of block j drafts
-    position s+j+i+2, i.e. index i of the next cycle's block [bonus, MASK x (K-1)]."""
+    Returns (AR logits (T, V), draft hidden states (len(starts), K, n_embd) after the final norm:
+    the LM head is applied later, to the one block and the rows actually used); draft row i of
+    block j drafts position s+j+i+2, i.e. index i of the next cycle's block [bonus, MASK x (K-1)]."""
     B, T = block.shape
     s, K, M = cache.length, draft_len, len(starts)
     device = block.device
@@ -143,11 +144,6 @@ def verify_and_draft(head: DiffusionHead, base: GPT, cache, block: torch.Tensor,
     x_ar = base.embed_tokens(block)  # (1, T, n_embd)
     x_draft = head.mask_embedding.to(x_ar.dtype).expand(B, M * K, -1)  # (1, M*K, n_embd)
     ar_mask = offset_causal_mask(s, T, device)  # (T, s+T)
-    # draft row of block b sees keys [0, s + j_b + 1) of the cache + fresh AR keys, and its own block
-    block_of_row = torch.arange(M, device=device).repeat_interleave(K)  # (M*K,)
-    visible_prefix = torch.tensor(starts, device=device)[block_of_row, None] + s + 1  # (M*K, 1)
-    draft_mask = torch.cat([torch.arange(s + T, device=device)[None, :] < visible_prefix,
-                            block_of_row[:, None] == block_of_row[None, :]], dim=1)  # (M*K, s+T+M*K)
     for i, layer in enumerate(base.layers):
         q, k, v = layer.self_attn.project(layer.input_layernorm(x_ar), base.rope_cos[ar_pos], base.rope_sin[ar_pos])
         k_all, v_all = cache.write(i, k, v)  # (1, Hkv, s+T, D): the cache with this block appended
@@ -155,10 +151,12 @@ def verify_and_draft(head: DiffusionHead, base: GPT, cache, block: torch.Tensor,
         x_ar = x_ar + layer.self_attn.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         attn = head.attn[i]
         qd, kd, vd = attn.project(layer.input_layernorm(x_draft), base.rope_cos[draft_pos], base.rope_sin[draft_pos])
-        y = F.scaled_dot_product_attention(qd, torch.cat([k_all, kd], 2), torch.cat([v_all, vd], 2),
-                                           attn_mask=draft_mask, enable_gqa=True)  # (1, H, M*K, D)
+        # block b: the cache and fresh AR keys of [0, s + j_b + 1) (views, no copy), then its own K keys
+        y = torch.cat([prefix_and_block_attention(qd[:, :, b * K:(b + 1) * K], k_all[:, :, : s + j + 1],
+                                                  v_all[:, :, : s + j + 1], kd[:, :, b * K:(b + 1) * K],
+                                                  vd[:, :, b * K:(b + 1) * K])
+                       for b, j in enumerate(starts)], dim=2)  # (1, H, M*K, D)
         x_draft = x_draft + attn.o_proj(y.transpose(1, 2).reshape(B, M * K, -1))
         x_ar, x_draft = layer.feed_forward(torch.cat([x_ar, x_draft], 1)).split([T, M * K], 1)
     cache.length += T  # as base(block, cache) would
-    logits = base.lm_head(base.norm(torch.cat([x_ar, x_draft], 1)))[0]  # (T + M*K, V)
-    return logits[:T], logits[T:].view(M, K, -1)
+    return base.lm_head(base.norm(x_ar))[0], base.norm(x_draft)[0].view(M, K, -1)

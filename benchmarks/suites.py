@@ -316,7 +316,9 @@ def method_record(m: Method, run, ar_run, costs: PassCosts, tokenizer, sampling:
         "tokens_per_forward": cycle_tokens / max(1, sum(s.forward_passes for s in stats)),
         "accepted_mean": statistics.mean(accepted) if drafter and accepted else None,
         "accepted_none": sum(a == 0 for a in accepted) / len(accepted) if drafter and accepted else None,
-        "accepted_all": sum(a == d > 0 for a, d in zip(accepted, drafted)) / len(accepted) if drafter and accepted else None,
+        # a tree drafts more nodes than any path can accept: "all accepted" is a chain's notion
+        "accepted_all": (sum(a == d > 0 for a, d in zip(accepted, drafted)) / len(accepted)
+                         if drafter and accepted and not m.greedy_only else None),
         "tokens_per_s": new / run["seconds"],
         "chars_per_s": sum(len(tokenizer.decode(o)) for o in outs) / run["seconds"],
         "speedup": ar_run["seconds"] / run["seconds"],
@@ -366,6 +368,7 @@ class Bench:
             # compare tokenizers before building the draft model (ours: from the checkpoint's meta)
             if is_pretrained_path(args.draft_ckpt):
                 self.draft_model, _, dtok, _ = open_model(args.draft_ckpt, device, dtype)
+                prepack_bf16_linears(self.draft_model)
                 dmeta = dtok.meta()
             else:
                 dckpt = load_checkpoint(args.draft_ckpt)
@@ -376,6 +379,7 @@ class Bench:
                                 f"{self.tokenizer.vocab_size}): train it on the same --data-dir")
             if self.draft_model is None:  # the checkpoint read above, not a second read of the file
                 self.draft_model = load_model(dckpt, device, dtype)[0]
+                prepack_bf16_linears(self.draft_model)
             DraftModelDrafter(self.draft_model, 1, self.base.config)  # vocabulary and context checks
         self.stop_ids = []  # val windows: every method decodes exactly --max-new-tokens
         if prompt_texts is not None:
@@ -584,6 +588,7 @@ def suite_ablations(args, device):
                 raise UserError(f"--heads {label}={path} was trained on another base than --ckpt: "
                                 "an ablation must compare heads of one base")
             _, other = load_model(hckpt, device, base.lm_head.weight.dtype)
+            prepack_bf16_linears(other)
             record = {"head": label, "loss": hckpt["train_config"].get("loss", "?"),
                       "teacher_data": hckpt.get("data_kind") or hckpt["train_config"].get("teacher_data", "?"), "step": hckpt.get("step", "?")}
             for mode in ("greedy", "sampling"):
@@ -646,6 +651,7 @@ def suite_ablations(args, device):
         for label, path in labelled_paths(args.tokenizer_ckpts, "--tokenizer-ckpts"):
             tckpt = load_checkpoint(path)
             tbase, thead = load_model(tckpt, device, base.lm_head.weight.dtype)
+            prepack_bf16_linears(tbase, thead)
             if thead is None:
                 raise UserError(f"--tokenizer-ckpts {label}={path} has no diffusion head")
             ttok = load_ckpt_tokenizer(tckpt)

