@@ -27,8 +27,8 @@ import os
 
 import torch
 
-from checkpoint import (HEAD_STORAGES, base_location, load_checkpoint, load_model, open_checkpoint, open_model, pack_head,
-                        save_checkpoint, state_sha256)
+from checkpoint import (HEAD_STORAGES, base_location, build_head, load_checkpoint, load_model, open_checkpoint, open_model,
+                        pack_head, save_checkpoint, state_sha256, unpack_head)
 from cli import ArgumentParser, check_writable, parse_dtype, run_cli, writing_into
 from errors import UserError
 from pretrained.official import export_official
@@ -85,17 +85,20 @@ def main(argv=None):
     if args.head_storage:
         out["head"] = pack_head(ckpt["head"], base.state_dict(), args.head_storage)
         out["head_storage"] = {"kind": args.head_storage, "group": 64}
+        # the stored head rebuilds against the base already loaded (no second load of the base)
+        build_head(dict(out, head=unpack_head(out["head"], base.state_dict(), out["head_storage"])), base, "cpu",
+                   torch.float32)
     if args.base_package:
         module = args.base_package.replace("-", "_")
         out["base_package"] = {"module": module, "file": os.path.basename(ckpt["base_path"]), "pip": args.base_package}
-        base_location(out)  # the package is installed and holds the file (one line if not)
+        in_package = base_location(out)  # the package is installed and holds the file (one line if not)
+        if os.path.realpath(in_package) != os.path.realpath(ckpt["base_path"]):  # another copy: its hash must match
+            open_checkpoint(out, with_tokenizer=False)
     try:
         save_checkpoint(out, args.out)
     except OSError as e:  # a parent that is a file, no permission, a full disk
         raise UserError(f"cannot write --out {args.out} ({e.strerror or type(e).__name__}); "
                         "pass a path in a folder you can write to") from None
-    if ckpt["kind"] == "orthrus-head":  # the shipped file opens: its base is found and verified, its head rebuilt
-        open_checkpoint(load_checkpoint(args.out), with_tokenizer=False)
     n_params = sum(t.numel() for key in ("model", "head") for t in ckpt.get(key, {}).values())
     print(f"wrote {args.out}: {n_params / 1e6:.2f}M parameters in {args.head_storage or args.dtype}, "
           f"{os.path.getsize(args.out) / 1e6:.2f} MB (from {os.path.getsize(args.ckpt) / 1e6:.2f} MB)")

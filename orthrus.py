@@ -105,8 +105,7 @@ def generate_speculative(base: GPT, drafter, prompt: list, max_new_tokens: int, 
         n_accepted = len(path)
         cache.keep(s + 1, [s + 1 + node for node in path])
         drafter.rollback(s + 1 + n_accepted)
-        accepted = [int(t) for t in drafts[path].tolist()] if path else []
-        done = committed.add(accepted + [next_token])
+        done = committed.add(drafts[path].tolist() + [next_token])
         pending = next_token
 
         stats.record_cycle(drafted=n, accepted=n_accepted, passes=draft_passes + 1)
